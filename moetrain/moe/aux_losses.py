@@ -1,0 +1,94 @@
+"""Auxiliary router losses and how they reach the gradient.
+
+Legend: T tokens, B sequences, S sequence length, E experts, K top-k.
+
+Losses are attached to the layer output through autograd (``attach_aux_loss``): the forward
+value of the output is unchanged, and backward adds ``scale * d(aux)/d(params)``. No module-level
+lists or globals: the trainer only backpropagates its language-model loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+CountReduce = Callable[[Tensor], Tensor]
+
+
+def expert_counts(topk_ids_TK: Tensor, num_experts: int) -> Tensor:
+    """Assignments per expert (before any capacity dropping), fp32 [E]."""
+    return torch.bincount(topk_ids_TK.flatten(), minlength=num_experts).float()
+
+
+def load_balancing_loss(
+    probs_TE: Tensor,
+    topk_ids_TK: Tensor,
+    coeff: float,
+    scope: str = "micro_batch",
+    seq_len: int | None = None,
+    reduce_counts: CountReduce | None = None,
+) -> Tensor:
+    """Switch/GShard balance loss ``coeff * E * sum_i f_i * P_i``.
+
+    ``f_i`` is expert i's share of the T*K assignments (not differentiable), ``P_i`` the mean
+    router probability of i. Scopes:
+
+    - ``micro_batch``: f and P over the T tokens of this call.
+    - ``sequence``: f and P per sequence of ``seq_len`` tokens (rows of T are sequence-major),
+      then averaged over the sequences (DeepSeek-V3's sequence-wise loss).
+    - ``global``: counts go through ``reduce_counts`` (summed over data-parallel ranks in a
+      distributed run; identity in one process) before f is formed; P stays local.
+    """
+    E = probs_TE.shape[-1]
+    if scope == "sequence":
+        if seq_len is None:
+            raise ValueError(
+                "model.moe.aux_loss_scope='sequence' needs the input as [B, S, D] "
+                "(the layer got a flat [T, D] input); pass sequences or use 'micro_batch'"
+            )
+        B = probs_TE.shape[0] // seq_len
+        ids_BA = topk_ids_TK.reshape(B, -1)
+        counts_BE = torch.zeros(B, E, device=probs_TE.device).scatter_add_(
+            1, ids_BA, torch.ones_like(ids_BA, dtype=torch.float32)
+        )
+        f_BE = counts_BE / ids_BA.shape[1]
+        P_BE = probs_TE.reshape(B, seq_len, E).mean(1)
+        return coeff * E * (f_BE * P_BE).sum(-1).mean()
+    counts_E = expert_counts(topk_ids_TK, E)
+    if scope == "global" and reduce_counts is not None:
+        counts_E = reduce_counts(counts_E)
+    f_E = counts_E / counts_E.sum().clamp(min=1)
+    P_E = probs_TE.mean(0)
+    return coeff * E * (f_E * P_E).sum()
+
+
+def z_loss(logits_TE: Tensor, coeff: float) -> Tensor:
+    """ST-MoE router z-loss ``coeff * mean_t logsumexp(logits_t)^2`` on the raw router logits."""
+    return coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``out``; in backward, also sends gradient ``scale`` into ``aux_loss``."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, aux_loss: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        ctx.aux_shape = aux_loss.shape
+        ctx.aux_dtype = aux_loss.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        grad_aux = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad_out.device)
+        return grad_out, grad_aux, None
+
+
+def attach_aux_loss(out: Tensor, aux_loss: Tensor, scale: float = 1.0) -> Tensor:
+    """Return ``out`` unchanged such that ``backward`` through it also backpropagates
+    ``scale * aux_loss``. ``scale`` should match how the caller scales its own loss (e.g.
+    1 / number of gradient-accumulation micro-batches)."""
+    if not aux_loss.requires_grad:
+        return out
+    return _AttachAuxLoss.apply(out, aux_loss, scale)

@@ -1,0 +1,60 @@
+"""Expert capacity and token dropping.
+
+Legend: T tokens, E experts, K top-k, C capacity per expert, A = T*K assignments.
+
+With ``capacity_factor`` set, each expert keeps at most ``C = max(ceil(cf * T * K / E),
+min_capacity)`` assignments; the rest are dropped (the token keeps its residual path and its
+other experts' outputs). Which ones are kept is the drop policy:
+
+- ``probs``: each expert keeps its highest-weight assignments; ties go to the earlier token.
+- ``position``: each expert keeps the earliest tokens in flattened, sequence-major batch order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def expert_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int
+) -> int:
+    """``C = max(ceil(capacity_factor * T * K / E), min_capacity)``."""
+    return max(math.ceil(capacity_factor * num_tokens * top_k / num_experts), min_capacity)
+
+
+def rank_within_expert(topk_ids_TK: Tensor, priority_TK: Tensor | None, num_experts: int) -> Tensor:
+    """Each assignment's 0-based rank among the assignments of its expert, [T, K] int64.
+
+    Rank order is descending ``priority_TK`` with ties (and ``priority_TK=None``) broken by
+    flattened assignment order (token-major), so results are deterministic.
+    """
+    flat_ids = topk_ids_TK.flatten()
+    order = torch.arange(flat_ids.numel(), device=flat_ids.device)
+    if priority_TK is not None:
+        order = torch.sort(priority_TK.flatten(), descending=True, stable=True).indices
+    # A stable sort by expert keeps the priority order inside each expert.
+    by_expert = order[torch.sort(flat_ids[order], stable=True).indices]
+    counts_E = torch.bincount(flat_ids, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    ranks_sorted = (
+        torch.arange(flat_ids.numel(), device=flat_ids.device) - starts_E[flat_ids[by_expert]]
+    )
+    ranks = torch.empty_like(ranks_sorted).scatter_(0, by_expert, ranks_sorted)
+    return ranks.view_as(topk_ids_TK)
+
+
+def capacity_keep_mask(
+    topk_ids_TK: Tensor, topk_weights_TK: Tensor, num_experts: int, capacity: int, drop_policy: str
+) -> Tensor:
+    """Boolean [T, K]: True for the assignments each expert keeps under its capacity."""
+    priority = topk_weights_TK.detach() if drop_policy == "probs" else None
+    return rank_within_expert(topk_ids_TK, priority, num_experts) < capacity
+
+
+def drops_by_position(keep_TK: Tensor, seq_len: int) -> Tensor:
+    """Dropped assignments per sequence position, int64 [S] (rows of T are sequence-major)."""
+    dropped_T = (~keep_TK).sum(-1)
+    return dropped_T.view(-1, seq_len).sum(0)

@@ -1,0 +1,170 @@
+"""MoELayer: router -> capacity -> aux losses -> dispatch -> experts -> combine (+ shared).
+
+Legend: B sequences, S sequence length, T tokens (= B*S), D model dim, E experts, K top-k,
+C capacity, R expert rows.
+
+``layer(x, token_ids=None)`` takes ``[..., D]`` (``[T, D]`` or ``[B, S, D]``) and returns the same
+shape. Aux losses are attached to the output through autograd; after each call
+``layer.last_stats`` holds this call's loss values and routing statistics (detached tensors: read
+them when you log, which is when the host syncs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moetrain.moe.aux_losses import (
+    CountReduce,
+    attach_aux_loss,
+    expert_counts,
+    load_balancing_loss,
+    z_loss,
+)
+from moetrain.moe.capacity import capacity_keep_mask, drops_by_position, expert_capacity
+from moetrain.moe.config import MoEConfig
+from moetrain.moe.dispatcher import Routing, TokenDispatcher
+from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.router import Router, RouterOutput, build_router
+from moetrain.moe.shared_experts import SharedExperts
+
+
+@dataclass
+class MoEStats:
+    """One call's statistics. ``tokens_per_expert_E`` counts assignments before dropping;
+    ``drops_by_position_S`` is None for flat ``[T, D]`` input; ``capacity`` None when dropless."""
+
+    aux_loss: Tensor
+    z_loss: Tensor
+    tokens_per_expert_E: Tensor
+    num_dropped: Tensor
+    num_assignments: int
+    capacity: int | None
+    drops_by_position_S: Tensor | None
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    Args:
+        cfg: the layer's options (validated on construction).
+        layer_idx: index of this layer among the model's MoE layers (selects its entry of
+            ``cfg.aux_loss_coeff_per_layer``).
+
+    Attributes set from outside: ``dispatcher`` (expert-parallel dispatchers replace the local
+    one), ``reduce_global_counts`` (sums expert counts over data-parallel ranks for the global
+    aux-loss scope; None = this process only), ``aux_loss_scale`` (gradient scale of the aux
+    losses, e.g. 1/number of accumulation micro-batches).
+    """
+
+    def __init__(self, cfg: MoEConfig, layer_idx: int | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.aux_coeff = cfg.aux_coeff_for_layer(layer_idx)
+        self.router = build_router(cfg)
+        self.experts = GroupedExperts(cfg)
+        self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
+        self.dispatcher = TokenDispatcher(cfg.num_experts)
+        self.reduce_global_counts: CountReduce | None = None
+        self.aux_loss_scale = 1.0
+        self.last_stats: MoEStats | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        if isinstance(self.router, Router):  # random/hash routers have no parameters
+            self.router.reset_parameters(std=std)
+        self.experts.reset_parameters(std=std, out_std=out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters(std=std, out_std=out_std)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        cfg = self.cfg
+        if x.shape[-1] != cfg.dim:
+            raise ValueError(
+                f"MoELayer expects [..., {cfg.dim}] (model.moe.dim), got {tuple(x.shape)}"
+            )
+        seq_len = x.shape[-2] if x.dim() == 3 else None
+        x_TD = x.reshape(-1, cfg.dim)
+        routed = self.router(x_TD, token_ids)
+        keep_TK, capacity = self._apply_capacity(routed)
+        lb_loss, zl = self._aux_losses(routed, seq_len)
+        routing = Routing(
+            routed.topk_ids_TK,
+            routed.topk_weights_TK,
+            keep_TK,
+            capacity if cfg.pad_to_capacity else None,
+        )
+        rows_RD, tokens_per_expert = self.dispatcher.dispatch(x_TD, routing)
+        y_TD = self.dispatcher.combine(self.experts(rows_RD, tokens_per_expert))
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        y_TD = attach_aux_loss(y_TD, lb_loss + zl, self.aux_loss_scale)
+        self._record_stats(routed, keep_TK, capacity, lb_loss, zl, seq_len)
+        return y_TD.view(x.shape)
+
+    def _apply_capacity(self, routed: RouterOutput) -> tuple[Tensor | None, int | None]:
+        cfg = self.cfg
+        if cfg.capacity_factor is None:
+            return None, None
+        T = routed.topk_ids_TK.shape[0]
+        C = expert_capacity(T, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.min_capacity)
+        keep_TK = capacity_keep_mask(
+            routed.topk_ids_TK, routed.topk_weights_TK, cfg.num_experts, C, cfg.drop_policy
+        )
+        return keep_TK, C
+
+    def _aux_losses(self, routed: RouterOutput, seq_len: int | None) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        zero = routed.topk_weights_TK.new_zeros(())
+        lb_loss = zl = zero
+        if routed.probs_TE is None or routed.logits_TE is None:
+            return lb_loss, zl
+        if self.aux_coeff > 0:
+            lb_loss = load_balancing_loss(
+                routed.probs_TE,
+                routed.topk_ids_TK,
+                self.aux_coeff,
+                scope=cfg.aux_loss_scope,
+                seq_len=seq_len,
+                reduce_counts=self.reduce_global_counts,
+            )
+        if cfg.z_loss_coeff > 0:
+            zl = z_loss(routed.logits_TE, cfg.z_loss_coeff)
+        return lb_loss, zl
+
+    def _record_stats(
+        self,
+        routed: RouterOutput,
+        keep_TK: Tensor | None,
+        capacity: int | None,
+        lb_loss: Tensor,
+        zl: Tensor,
+        seq_len: int | None,
+    ) -> None:
+        ids = routed.topk_ids_TK
+        if keep_TK is None:
+            num_dropped = torch.zeros((), dtype=torch.long, device=ids.device)
+            by_pos = None
+        else:
+            num_dropped = (~keep_TK).sum()
+            by_pos = drops_by_position(keep_TK, seq_len) if seq_len is not None else None
+        self.last_stats = MoEStats(
+            aux_loss=lb_loss.detach(),
+            z_loss=zl.detach(),
+            tokens_per_expert_E=expert_counts(ids.detach(), self.cfg.num_experts),
+            num_dropped=num_dropped,
+            num_assignments=ids.numel(),
+            capacity=capacity,
+            drops_by_position_S=by_pos,
+        )
+
+    @torch.no_grad()
+    def update_expert_bias(self, reduce_load: CountReduce | None = None) -> Tensor | None:
+        """Aux-loss-free balancing: once per optimizer step (see ``Router.update_expert_bias``)."""
+        if isinstance(self.router, Router):
+            return self.router.update_expert_bias(reduce_load)
+        return None

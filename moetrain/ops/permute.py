@@ -1,0 +1,143 @@
+"""Token permutation ops: tokens -> expert-sorted rows (permute) and back (unpermute/combine).
+
+Legend: T tokens, D model dim, R rows (token-expert assignments kept, in expert order, plus any
+padding rows). ``row_token_R[r]`` is the token row r was taken from, or -1 for a padding row.
+
+Both ops live in the ``moetrain`` op namespace. The pure-torch reference below is registered as
+the ``CompositeExplicitAutograd`` kernel; compiled kernels registered later with
+``TORCH_LIBRARY_IMPL(moetrain, CPU|CUDA, ...)`` take precedence for their device and must keep
+these schemas. Autograd and fake (meta) kernels are registered here, once for every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LIB = torch.library.Library("moetrain", "DEF")
+_LIB.define("permute(Tensor x, Tensor row_token) -> Tensor")
+_LIB.define(
+    "unpermute(Tensor rows, Tensor row_token, Tensor? row_weight, SymInt num_tokens) -> Tensor"
+)
+_LIB.define("unpermute_weight_grad(Tensor grad_out, Tensor rows, Tensor row_token) -> Tensor")
+
+
+# --- pure-torch references (also the fallback when no compiled kernel is registered) ---------
+
+
+def permute_reference(x_TD: Tensor, row_token_R: Tensor) -> Tensor:
+    """``rows_RD[r] = x_TD[row_token_R[r]]``; padding rows (-1) are zero."""
+    pad = row_token_R < 0
+    rows = x_TD.index_select(0, row_token_R.clamp(min=0))
+    if pad.any():  # host sync only matters on GPU; padding exists only with pad_to_capacity
+        rows = rows.masked_fill(pad.unsqueeze(-1), 0)
+    return rows
+
+
+def unpermute_reference(
+    rows_RD: Tensor, row_token_R: Tensor, row_weight_R: Tensor | None, num_tokens: int
+) -> Tensor:
+    """``y_TD[t] = sum over rows r of token t of row_weight_R[r] * rows_RD[r]``.
+
+    Accumulates in fp32 (weights are fp32 router outputs) and returns ``rows_RD.dtype``.
+    Padding rows (-1) are ignored.
+    """
+    keep = row_token_R >= 0
+    src = rows_RD.float()
+    if row_weight_R is not None:
+        src = src * row_weight_R.float().unsqueeze(-1)
+    src = src * keep.unsqueeze(-1)
+    out = torch.zeros(num_tokens, rows_RD.shape[-1], dtype=torch.float32, device=rows_RD.device)
+    out.index_add_(0, row_token_R.clamp(min=0), src)
+    return out.to(rows_RD.dtype)
+
+
+def unpermute_weight_grad_reference(
+    grad_TD: Tensor, rows_RD: Tensor, row_token_R: Tensor
+) -> Tensor:
+    """Gradient of unpermute w.r.t. the row weights: ``<grad_TD[token(r)], rows_RD[r]>`` (fp32)."""
+    g = grad_TD.float().index_select(0, row_token_R.clamp(min=0))
+    return (g * rows_RD.float()).sum(-1) * (row_token_R >= 0)
+
+
+_LIB.impl("permute", permute_reference, "CompositeExplicitAutograd")
+_LIB.impl("unpermute", unpermute_reference, "CompositeExplicitAutograd")
+_LIB.impl("unpermute_weight_grad", unpermute_weight_grad_reference, "CompositeExplicitAutograd")
+
+
+# --- fake (meta) kernels: shapes only --------------------------------------------------------
+
+
+@torch.library.register_fake("moetrain::permute")
+def _permute_fake(x: Tensor, row_token: Tensor) -> Tensor:
+    return x.new_empty(row_token.shape[0], x.shape[-1])
+
+
+@torch.library.register_fake("moetrain::unpermute")
+def _unpermute_fake(
+    rows: Tensor, row_token: Tensor, row_weight: Tensor | None, num_tokens: int
+) -> Tensor:
+    return rows.new_empty(num_tokens, rows.shape[-1])
+
+
+@torch.library.register_fake("moetrain::unpermute_weight_grad")
+def _weight_grad_fake(grad_out: Tensor, rows: Tensor, row_token: Tensor) -> Tensor:
+    return rows.new_empty(row_token.shape[0], dtype=torch.float32)
+
+
+# --- autograd: each op's backward is expressed with the other op ------------------------------
+
+
+def _permute_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, row_token = inputs
+    ctx.save_for_backward(row_token)
+    ctx.num_tokens = x.shape[0]
+
+
+def _permute_backward(ctx, grad_rows):  # type: ignore[no-untyped-def]
+    (row_token,) = ctx.saved_tensors
+    return torch.ops.moetrain.unpermute(grad_rows, row_token, None, ctx.num_tokens), None
+
+
+def _unpermute_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    rows, row_token, row_weight, _ = inputs
+    ctx.save_for_backward(rows, row_token, row_weight)
+
+
+def _unpermute_backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+    rows, row_token, row_weight = ctx.saved_tensors
+    grad_rows = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_rows = torch.ops.moetrain.permute(grad_out, row_token)
+        if row_weight is not None:
+            grad_rows = (grad_rows.float() * row_weight.float().unsqueeze(-1)).to(rows.dtype)
+    if row_weight is not None and ctx.needs_input_grad[2]:
+        grad_weight = torch.ops.moetrain.unpermute_weight_grad(grad_out, rows, row_token)
+        grad_weight = grad_weight.to(row_weight.dtype)
+    return grad_rows, None, grad_weight, None
+
+
+torch.library.register_autograd(
+    "moetrain::permute", _permute_backward, setup_context=_permute_setup
+)
+torch.library.register_autograd(
+    "moetrain::unpermute", _unpermute_backward, setup_context=_unpermute_setup
+)
+
+
+def permute(x_TD: Tensor, row_token_R: Tensor) -> Tensor:
+    """Gather token rows into expert order. Args: ``x_TD`` [T, D]; ``row_token_R`` int64 [R]
+    (-1 = padding row). Returns ``rows_RD`` [R, D]; its gradient scatter-adds back to tokens."""
+    return torch.ops.moetrain.permute(x_TD, row_token_R)
+
+
+def unpermute(
+    rows_RD: Tensor, row_token_R: Tensor, row_weight_R: Tensor | None, num_tokens: int
+) -> Tensor:
+    """Weighted scatter-add of expert rows back to tokens (the combine step).
+
+    Args: ``rows_RD`` [R, D]; ``row_token_R`` int64 [R] (-1 = padding, ignored); ``row_weight_R``
+    [R] router weights or None (weight 1); ``num_tokens`` T. Returns ``y_TD`` [T, D] in
+    ``rows_RD.dtype``, accumulated in fp32. Differentiable w.r.t. rows and weights.
+    """
+    return torch.ops.moetrain.unpermute(rows_RD, row_token_R, row_weight_R, num_tokens)

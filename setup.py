@@ -1,0 +1,28 @@
+"""Build entry for moetrain.
+
+torch is a runtime dependency that must already be installed (pin the CPU build on CPU-only
+machines: ``pip install torch==2.13.0``); install moetrain with ``--no-build-isolation`` so pip
+does not pull an unpinned (multi-GB CUDA) torch into an isolated build environment.
+"""
+
+from setuptools import find_packages, setup
+
+TEST = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "transformers>=4.57",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+]
+DEV = ["ruff==0.17.5", "mypy==2.4.1"]
+BENCH = ["deepspeed>=0.19"]
+
+setup(
+    name="moetrain",
+    version="0.1.0",
+    description="Train Mixture-of-Experts language models, from one CPU process to many GPU nodes",
+    packages=find_packages(include=["moetrain", "moetrain.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.13"],
+    extras_require={"test": TEST, "dev": DEV, "bench": BENCH},
+)
