@@ -73,14 +73,14 @@ class _AttachAuxLoss(torch.autograd.Function):
     """Identity on ``out``; in backward, also sends gradient ``scale`` into ``aux_loss``."""
 
     @staticmethod
-    def forward(ctx, out: Tensor, aux_loss: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, out: Tensor, aux_loss: Tensor, scale: float) -> Tensor:
         ctx.scale = scale
         ctx.aux_shape = aux_loss.shape
         ctx.aux_dtype = aux_loss.dtype
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         grad_aux = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad_out.device)
         return grad_out, grad_aux, None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 ACTIVATIONS = ("swiglu", "gelu")
 DROP_POLICIES = ("probs", "position")
@@ -153,7 +153,7 @@ class MoEConfig:
         return self.num_shared_experts * self.hidden_dim
 
 
-def _fail(name: str, why: str) -> None:
+def _fail(name: str, why: str) -> NoReturn:
     raise ValueError(f"model.moe.{name}: {why}")
 
 

@@ -87,6 +87,12 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"MoELayer expects [..., {cfg.dim}] (model.moe.dim), got {tuple(x.shape)}"
             )
+        weight_dtype = self.experts.w1_EFD.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"MoELayer got {x.dtype} input but its weights are {weight_dtype}: cast the "
+                "layer (layer.to(dtype)) or run under torch.autocast"
+            )
         seq_len = x.shape[-2] if x.dim() == 3 else None
         x_TD = x.reshape(-1, cfg.dim)
         routed = self.router(x_TD, token_ids)

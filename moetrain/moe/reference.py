@@ -43,7 +43,7 @@ def naive_keep(
     return keep
 
 
-def _route(layer: MoELayer, x: Tensor, token_ids: Tensor | None):  # type: ignore[no-untyped-def]
+def _route(layer: MoELayer, x: Tensor, token_ids: Tensor | None):
     cfg = layer.cfg
     x_TD = x.reshape(-1, cfg.dim)
     routed: RouterOutput = layer.router(x_TD, token_ids)
@@ -97,7 +97,7 @@ def reference_aux_loss(layer: MoELayer, routed: RouterOutput, seq_len: int | Non
     return total
 
 
-def _experts(layer: MoELayer):  # type: ignore[no-untyped-def]
+def _experts(layer: MoELayer):
     ex = layer.experts
     return ex.w1_EFD, ex.w3_EFD, ex.w2_EDF
 

@@ -38,6 +38,9 @@ class RouterOutput:
 class Router(nn.Module):
     """Learned linear router ``logits_TE = x_TD @ weight_ED.T`` (fp32)."""
 
+    expert_bias_E: Tensor
+    step_load_E: Tensor
+
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -94,7 +97,7 @@ class Router(nn.Module):
         return scores_TE
 
     @torch.no_grad()
-    def update_expert_bias(self, reduce_load=None) -> Tensor | None:  # type: ignore[no-untyped-def]
+    def update_expert_bias(self, reduce_load=None) -> Tensor | None:
         """Apply ``b_i += rate * sign(mean_load - load_i)`` from this step's accumulated loads.
 
         Call once per optimizer step, after every micro-batch's forward. ``reduce_load`` (e.g. an

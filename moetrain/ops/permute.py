@@ -34,20 +34,27 @@ def permute_reference(x_TD: Tensor, row_token_R: Tensor) -> Tensor:
     return rows
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # at least fp32 for the accumulation (bf16/fp16 rows); fp64 stays fp64
+    return torch.promote_types(dtype, torch.float32)
+
+
 def unpermute_reference(
     rows_RD: Tensor, row_token_R: Tensor, row_weight_R: Tensor | None, num_tokens: int
 ) -> Tensor:
     """``y_TD[t] = sum over rows r of token t of row_weight_R[r] * rows_RD[r]``.
 
-    Accumulates in fp32 (weights are fp32 router outputs) and returns ``rows_RD.dtype``.
-    Padding rows (-1) are ignored.
+    Accumulates in at least fp32 and returns ``rows_RD.dtype``. Padding rows (-1) are ignored,
+    whatever they hold.
     """
-    keep = row_token_R >= 0
-    src = rows_RD.float()
+    acc = _acc_dtype(rows_RD.dtype)
+    src = rows_RD.to(acc)
     if row_weight_R is not None:
-        src = src * row_weight_R.float().unsqueeze(-1)
-    src = src * keep.unsqueeze(-1)
-    out = torch.zeros(num_tokens, rows_RD.shape[-1], dtype=torch.float32, device=rows_RD.device)
+        src = src * row_weight_R.to(acc).unsqueeze(-1)
+    pad = row_token_R < 0
+    if pad.any():  # only with pad_to_capacity; where() also drops NaN/Inf in padding rows
+        src = torch.where(pad.unsqueeze(-1), 0, src)
+    out = torch.zeros(num_tokens, rows_RD.shape[-1], dtype=acc, device=rows_RD.device)
     out.index_add_(0, row_token_R.clamp(min=0), src)
     return out.to(rows_RD.dtype)
 
@@ -55,9 +62,12 @@ def unpermute_reference(
 def unpermute_weight_grad_reference(
     grad_TD: Tensor, rows_RD: Tensor, row_token_R: Tensor
 ) -> Tensor:
-    """Gradient of unpermute w.r.t. the row weights: ``<grad_TD[token(r)], rows_RD[r]>`` (fp32)."""
-    g = grad_TD.float().index_select(0, row_token_R.clamp(min=0))
-    return (g * rows_RD.float()).sum(-1) * (row_token_R >= 0)
+    """Gradient of unpermute w.r.t. the row weights: ``<grad_TD[token(r)], rows_RD[r]>``, in the
+    accumulation dtype (at least fp32); 0 for padding rows."""
+    acc = _acc_dtype(rows_RD.dtype)
+    g = grad_TD.to(acc).index_select(0, row_token_R.clamp(min=0))
+    dot = (g * rows_RD.to(acc)).sum(-1)
+    return torch.where(row_token_R < 0, 0, dot)
 
 
 _LIB.impl("permute", permute_reference, "CompositeExplicitAutograd")
@@ -82,43 +92,65 @@ def _unpermute_fake(
 
 @torch.library.register_fake("moetrain::unpermute_weight_grad")
 def _weight_grad_fake(grad_out: Tensor, rows: Tensor, row_token: Tensor) -> Tensor:
-    return rows.new_empty(row_token.shape[0], dtype=torch.float32)
+    return rows.new_empty(row_token.shape[0], dtype=_acc_dtype(rows.dtype))
 
 
 # --- autograd: each op's backward is expressed with the other op ------------------------------
 
 
-def _permute_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _permute_setup(ctx, inputs, output) -> None:
     x, row_token = inputs
     ctx.save_for_backward(row_token)
     ctx.num_tokens = x.shape[0]
 
 
-def _permute_backward(ctx, grad_rows):  # type: ignore[no-untyped-def]
+def _permute_backward(ctx, grad_rows):
     (row_token,) = ctx.saved_tensors
     return torch.ops.moetrain.unpermute(grad_rows, row_token, None, ctx.num_tokens), None
 
 
-def _unpermute_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _unpermute_setup(ctx, inputs, output) -> None:
     rows, row_token, row_weight, _ = inputs
     ctx.save_for_backward(rows, row_token, row_weight)
 
 
-def _unpermute_backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+def _unpermute_backward(ctx, grad_out):
     rows, row_token, row_weight = ctx.saved_tensors
     grad_rows = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_rows = torch.ops.moetrain.permute(grad_out, row_token)
         if row_weight is not None:
-            grad_rows = (grad_rows.float() * row_weight.float().unsqueeze(-1)).to(rows.dtype)
+            acc = _acc_dtype(rows.dtype)
+            grad_rows = (grad_rows.to(acc) * row_weight.to(acc).unsqueeze(-1)).to(rows.dtype)
     if row_weight is not None and ctx.needs_input_grad[2]:
         grad_weight = torch.ops.moetrain.unpermute_weight_grad(grad_out, rows, row_token)
         grad_weight = grad_weight.to(row_weight.dtype)
     return grad_rows, None, grad_weight, None
 
 
+def _weight_grad_setup(ctx, inputs, output) -> None:
+    grad_out, rows, row_token = inputs
+    ctx.save_for_backward(grad_out, rows, row_token)
+
+
+def _weight_grad_backward(ctx, grad_w):
+    # w_r = <g[token(r)], rows_r>: d/dg scatters grad_w * rows back, d/drows gathers g * grad_w.
+    grad_out, rows, row_token = ctx.saved_tensors
+    d_grad_out = d_rows = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = torch.ops.moetrain.unpermute(rows, row_token, grad_w, grad_out.shape[0])
+        d_grad_out = d_grad_out.to(grad_out.dtype)
+    if ctx.needs_input_grad[1]:
+        gathered = torch.ops.moetrain.permute(grad_out, row_token)
+        d_rows = (gathered.to(grad_w.dtype) * grad_w.unsqueeze(-1)).to(rows.dtype)
+    return d_grad_out, d_rows, None
+
+
 torch.library.register_autograd(
     "moetrain::permute", _permute_backward, setup_context=_permute_setup
+)
+torch.library.register_autograd(
+    "moetrain::unpermute_weight_grad", _weight_grad_backward, setup_context=_weight_grad_setup
 )
 torch.library.register_autograd(
     "moetrain::unpermute", _unpermute_backward, setup_context=_unpermute_setup

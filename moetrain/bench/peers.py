@@ -1,0 +1,249 @@
+"""Benchmark peers for the MoE layer: each builds a layer of one shape and returns a fwd+bwd step.
+
+A peer is a function ``(shape) -> Peer``; it raises ``PeerUnavailable`` (with the reason and the
+install hint) when its package is missing or cannot run this shape, and the runner prints the
+note instead of a figure. Every peer reports the routed rows it actually computes (no dropped
+assignments, no padding), which its expert FLOPs are counted from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moetrain.moe import MoEConfig, MoELayer
+from moetrain.moe.experts import expert_mlp
+from moetrain.moe.reference import reference_moe_per_expert
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    num_experts: int
+    top_k: int
+    dim: int
+    hidden_dim: int
+    num_tokens: int
+    capacity_factor: float | None  # None = dropless
+
+    @property
+    def mode(self) -> str:
+        return "dropless" if self.capacity_factor is None else f"cf={self.capacity_factor:g}"
+
+
+@dataclass
+class Peer:
+    step: Callable[[], None]  # one forward + backward
+    routed_rows: Callable[[], int]  # rows the last step computed (call after step)
+
+
+class PeerUnavailable(RuntimeError):
+    pass
+
+
+def _inputs(shape: Shape, three_d: bool = False) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    size = (1, shape.num_tokens, shape.dim) if three_d else (shape.num_tokens, shape.dim)
+    x = torch.randn(size, generator=gen).requires_grad_(True)
+    return x, torch.randn(size, generator=gen)
+
+
+def _moe_config(shape: Shape) -> MoEConfig:
+    return MoEConfig(
+        num_experts=shape.num_experts,
+        top_k=shape.top_k,
+        dim=shape.dim,
+        hidden_dim=shape.hidden_dim,
+        capacity_factor=shape.capacity_factor,
+    )
+
+
+def _zero_grads(module: nn.Module, x: Tensor) -> None:
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+
+
+def moetrain_peer(shape: Shape) -> Peer:
+    torch.manual_seed(0)
+    layer = MoELayer(_moe_config(shape))
+    x, g = _inputs(shape)
+
+    def step() -> None:
+        _zero_grads(layer, x)
+        layer(x).backward(g)
+
+    return Peer(step, lambda: _kept_rows(layer))
+
+
+def reference_peer(shape: Shape) -> Peer:
+    """The naive per-expert loop with boolean indexing (``reference_moe_per_expert``)."""
+    torch.manual_seed(0)
+    layer = MoELayer(_moe_config(shape))
+    x, g = _inputs(shape)
+
+    def step() -> None:
+        _zero_grads(layer, x)
+        y, aux = reference_moe_per_expert(layer, x)
+        ((y * g).sum() + aux).backward()
+
+    def rows() -> int:  # the reference keeps exactly what the layer keeps (tested)
+        with torch.no_grad():
+            layer(x.detach())
+        return _kept_rows(layer)
+
+    return Peer(step, rows)
+
+
+def _kept_rows(layer: MoELayer) -> int:
+    stats = layer.last_stats
+    assert stats is not None
+    return stats.num_assignments - int(stats.num_dropped)
+
+
+def balanced_bmm_peer(shape: Shape, rows: int | None = None) -> Peer:
+    """A perfectly balanced batched SwiGLU doing the same expert FLOPs (``rows`` routed rows,
+    default T*K, split evenly over E): the bound a grouped GEMM can reach without routing."""
+    E, D, Fh = shape.num_experts, shape.dim, shape.hidden_dim
+    n = rows if rows is not None else shape.num_tokens * shape.top_k
+    per_expert = max(n // E, 1)
+    gen = torch.Generator().manual_seed(0)
+    w1 = (torch.randn(E, Fh, D, generator=gen) * 0.02).requires_grad_(True)
+    w3 = (torch.randn(E, Fh, D, generator=gen) * 0.02).requires_grad_(True)
+    w2 = (torch.randn(E, D, Fh, generator=gen) * 0.02).requires_grad_(True)
+    x = torch.randn(E, per_expert, D, generator=gen).requires_grad_(True)
+    g = torch.randn(E, per_expert, D, generator=gen)
+
+    def step() -> None:
+        for t in (w1, w3, w2, x):
+            t.grad = None
+        expert_mlp(x, w1, w3, w2).backward(g)
+
+    return Peer(step, lambda: E * per_expert)
+
+
+def transformers_peer(shape: Shape) -> Peer:
+    """``transformers``' MixtralSparseMoeBlock (eager experts loop, dropless)."""
+    if shape.capacity_factor is not None:
+        raise PeerUnavailable("MixtralSparseMoeBlock is dropless only (no capacity factor)")
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError as err:
+        raise PeerUnavailable(
+            f"transformers not installed ({err}); pip install transformers"
+        ) from err
+    cfg = MixtralConfig(
+        hidden_size=shape.dim,
+        intermediate_size=shape.hidden_dim,
+        num_local_experts=shape.num_experts,
+        num_experts_per_tok=shape.top_k,
+        router_jitter_noise=0.0,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=128,
+    )
+    cfg._experts_implementation = "eager"  # what the standalone block runs; see docs/benchmarks.md
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(cfg).train()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    x, g = _inputs(shape, three_d=True)
+
+    def step() -> None:
+        _zero_grads(block, x)
+        out = block(x)
+        (out[0] if isinstance(out, tuple) else out).backward(g)
+
+    return Peer(step, lambda: shape.num_tokens * shape.top_k)
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _init_deepspeed_single_process() -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29517",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def deepspeed_peer(shape: Shape) -> Peer:
+    """DeepSpeed-MoE (``deepspeed.moe.layer.MoE``), one process, gloo, SwiGLU experts."""
+    try:
+        from deepspeed.moe.layer import MoE
+    except Exception as err:  # deepspeed raises various errors when its setup is incomplete
+        raise PeerUnavailable(
+            f"deepspeed unavailable ({type(err).__name__}: {err}); "
+            'pip install --no-build-isolation -e ".[bench]"'
+        ) from err
+    _init_deepspeed_single_process()
+    dropless = shape.capacity_factor is None
+    cf = 1.0 if dropless else shape.capacity_factor
+    torch.manual_seed(0)
+    moe = MoE(
+        hidden_size=shape.dim,
+        expert=_SwiGLU(shape.dim, shape.hidden_dim),
+        num_experts=shape.num_experts,
+        ep_size=1,
+        k=shape.top_k,
+        capacity_factor=cf,
+        eval_capacity_factor=cf,
+        min_capacity=4,
+        drop_tokens=not dropless,
+        use_residual=False,
+        top2_2nd_expert_sampling=False,
+    ).train()
+    moe.set_deepspeed_parallelism()
+    x, g = _inputs(shape)
+
+    def step() -> None:
+        _zero_grads(moe, x)
+        out, _, _ = moe(x)
+        out.backward(g)
+
+    def rows() -> int:
+        with torch.no_grad():
+            gate_out = moe.deepspeed_moe.gate(x.detach(), None, False)
+        return _deepspeed_kept_rows(gate_out, shape)
+
+    return Peer(step, rows)
+
+
+def _deepspeed_kept_rows(gate_out: tuple, shape: Shape) -> int:
+    # gate returns (l_aux, combine_weights[T, E, C], dispatch_mask[T, E, C], exp_counts): the
+    # dispatch mask has one True per kept (token, expert) assignment.
+    return int(gate_out[2].sum())
+
+
+PEERS: dict[str, Callable[[Shape], Peer]] = {
+    "moetrain": moetrain_peer,
+    "reference": reference_peer,
+    "balanced_bmm": balanced_bmm_peer,
+    "deepspeed": deepspeed_peer,
+    "transformers": transformers_peer,
+}
