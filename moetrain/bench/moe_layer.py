@@ -73,17 +73,17 @@ def format_table(result: dict) -> str:
     lines = [
         f"peak GEMM (fp32, {result['threads']} threads): {result['peak_flops'] / 1e9:.1f} GFLOP/s "
         f"at start, {result['peak_flops_end'] / 1e9:.1f} at end (spread = machine noise)",
-        f"{'case':8} {'mode':9} {'peer':13} {'median':>9} {'rows':>7} {'frac':>6} {'vs ours':>8}",
+        f"{'case':8} {'mode':9} {'peer':18} {'median':>9} {'rows':>7} {'frac':>6} {'vs ours':>8}",
     ]
     ours = {(r["case"], r["mode"]): r["seconds"] for r in result["rows"] if r["peer"] == "moetrain"}
     for r in result["rows"]:
         if r["seconds"] is None:
-            lines.append(f"{r['case']:8} {r['mode']:9} {r['peer']:13} {r['note']}")
+            lines.append(f"{r['case']:8} {r['mode']:9} {r['peer']:18} {r['note']}")
             continue
         base = ours.get((r["case"], r["mode"]))
         speed = f"{base / r['seconds']:.2f}x" if base else ""
         lines.append(
-            f"{r['case']:8} {r['mode']:9} {r['peer']:13} {r['seconds'] * 1e3:7.0f}ms "
+            f"{r['case']:8} {r['mode']:9} {r['peer']:18} {r['seconds'] * 1e3:7.0f}ms "
             f"{r['routed_rows']:7d} {r['fraction_of_peak']:6.3f} {speed:>8}"
         )
     lines.append("frac = expert FLOPs / peak / time; 'vs ours' = peer speed relative to moetrain")

@@ -8,7 +8,6 @@ assignments, no padding), which its expert FLOPs are counted from.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -126,8 +125,9 @@ def balanced_bmm_peer(shape: Shape, rows: int | None = None) -> Peer:
     return Peer(step, lambda: E * per_expert)
 
 
-def transformers_peer(shape: Shape) -> Peer:
-    """``transformers``' MixtralSparseMoeBlock (eager experts loop, dropless)."""
+def transformers_peer(shape: Shape, experts_impl: str = "grouped_mm") -> Peer:
+    """``transformers``' MixtralSparseMoeBlock (dropless). ``grouped_mm`` is what a full
+    Mixtral model runs by default in transformers 5; a standalone block runs ``eager``."""
     if shape.capacity_factor is not None:
         raise PeerUnavailable("MixtralSparseMoeBlock is dropless only (no capacity factor)")
     try:
@@ -148,7 +148,7 @@ def transformers_peer(shape: Shape) -> Peer:
         num_key_value_heads=8,
         vocab_size=128,
     )
-    cfg._experts_implementation = "eager"  # what the standalone block runs; see docs/benchmarks.md
+    cfg._experts_implementation = experts_impl
     torch.manual_seed(0)
     block = MixtralSparseMoeBlock(cfg).train()
     with torch.no_grad():
@@ -175,25 +175,10 @@ class _SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def _init_deepspeed_single_process() -> None:
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return
-    for key, value in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29517",
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-    }.items():
-        os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-
-
 def deepspeed_peer(shape: Shape) -> Peer:
-    """DeepSpeed-MoE (``deepspeed.moe.layer.MoE``), one process, gloo, SwiGLU experts."""
+    """DeepSpeed-MoE (``deepspeed.moe.layer.MoE``), one process, SwiGLU experts. Dropless
+    (``drop_tokens=False``) pads every expert to the largest count; its padding rows are not
+    counted as expert FLOPs."""
     try:
         from deepspeed.moe.layer import MoE
     except Exception as err:  # deepspeed raises various errors when its setup is incomplete
@@ -201,7 +186,6 @@ def deepspeed_peer(shape: Shape) -> Peer:
             f"deepspeed unavailable ({type(err).__name__}: {err}); "
             'pip install --no-build-isolation -e ".[bench]"'
         ) from err
-    _init_deepspeed_single_process()
     dropless = shape.capacity_factor is None
     cf = 1.0 if dropless else shape.capacity_factor
     torch.manual_seed(0)
@@ -217,8 +201,7 @@ def deepspeed_peer(shape: Shape) -> Peer:
         drop_tokens=not dropless,
         use_residual=False,
         top2_2nd_expert_sampling=False,
-    ).train()
-    moe.set_deepspeed_parallelism()
+    ).train()  # ep_size=1 needs no process group
     x, g = _inputs(shape)
 
     def step() -> None:
@@ -228,16 +211,16 @@ def deepspeed_peer(shape: Shape) -> Peer:
 
     def rows() -> int:
         with torch.no_grad():
-            gate_out = moe.deepspeed_moe.gate(x.detach(), None, False)
+            gate_out = moe.deepspeed_moe.gate(x.detach(), None, sparse_routes=True)
         return _deepspeed_kept_rows(gate_out, shape)
 
     return Peer(step, rows)
 
 
 def _deepspeed_kept_rows(gate_out: tuple, shape: Shape) -> int:
-    # gate returns (l_aux, combine_weights[T, E, C], dispatch_mask[T, E, C], exp_counts): the
-    # dispatch mask has one True per kept (token, expert) assignment.
-    return int(gate_out[2].sum())
+    # With sparse_routes the gate returns (l_aux, capacity, E, indices[K, T], locations, gates,
+    # exp_counts); routes evicted by the capacity limit have a negative expert index.
+    return int((gate_out[3] >= 0).sum())
 
 
 PEERS: dict[str, Callable[[Shape], Peer]] = {
@@ -246,4 +229,5 @@ PEERS: dict[str, Callable[[Shape], Peer]] = {
     "balanced_bmm": balanced_bmm_peer,
     "deepspeed": deepspeed_peer,
     "transformers": transformers_peer,
+    "transformers_eager": lambda shape: transformers_peer(shape, "eager"),
 }

@@ -19,7 +19,6 @@ _LIB.define("permute(Tensor x, Tensor row_token) -> Tensor")
 _LIB.define(
     "unpermute(Tensor rows, Tensor row_token, Tensor? row_weight, SymInt num_tokens) -> Tensor"
 )
-_LIB.define("unpermute_weight_grad(Tensor grad_out, Tensor rows, Tensor row_token) -> Tensor")
 
 
 # --- pure-torch references (also the fallback when no compiled kernel is registered) ---------
@@ -59,20 +58,8 @@ def unpermute_reference(
     return out.to(rows_RD.dtype)
 
 
-def unpermute_weight_grad_reference(
-    grad_TD: Tensor, rows_RD: Tensor, row_token_R: Tensor
-) -> Tensor:
-    """Gradient of unpermute w.r.t. the row weights: ``<grad_TD[token(r)], rows_RD[r]>``, in the
-    accumulation dtype (at least fp32); 0 for padding rows."""
-    acc = _acc_dtype(rows_RD.dtype)
-    g = grad_TD.to(acc).index_select(0, row_token_R.clamp(min=0))
-    dot = (g * rows_RD.to(acc)).sum(-1)
-    return torch.where(row_token_R < 0, 0, dot)
-
-
 _LIB.impl("permute", permute_reference, "CompositeExplicitAutograd")
 _LIB.impl("unpermute", unpermute_reference, "CompositeExplicitAutograd")
-_LIB.impl("unpermute_weight_grad", unpermute_weight_grad_reference, "CompositeExplicitAutograd")
 
 
 # --- fake (meta) kernels: shapes only --------------------------------------------------------
@@ -88,11 +75,6 @@ def _unpermute_fake(
     rows: Tensor, row_token: Tensor, row_weight: Tensor | None, num_tokens: int
 ) -> Tensor:
     return rows.new_empty(num_tokens, rows.shape[-1])
-
-
-@torch.library.register_fake("moetrain::unpermute_weight_grad")
-def _weight_grad_fake(grad_out: Tensor, rows: Tensor, row_token: Tensor) -> Tensor:
-    return rows.new_empty(row_token.shape[0], dtype=_acc_dtype(rows.dtype))
 
 
 # --- autograd: each op's backward is expressed with the other op ------------------------------
@@ -115,43 +97,29 @@ def _unpermute_setup(ctx, inputs, output) -> None:
 
 
 def _unpermute_backward(ctx, grad_out):
+    # One gather of grad_out serves both gradients: d/drows = w * g[token(r)] and
+    # d/dw_r = <g[token(r)], rows_r> (plain torch ops, so double backward works through them).
     rows, row_token, row_weight = ctx.saved_tensors
+    needs_rows = ctx.needs_input_grad[0]
+    needs_weight = row_weight is not None and ctx.needs_input_grad[2]
+    if not (needs_rows or needs_weight):
+        return None, None, None, None
+    gathered = torch.ops.moetrain.permute(grad_out, row_token)
+    acc = _acc_dtype(rows.dtype)
     grad_rows = grad_weight = None
-    if ctx.needs_input_grad[0]:
-        grad_rows = torch.ops.moetrain.permute(grad_out, row_token)
+    if needs_weight:
+        grad_weight = (gathered.to(acc) * rows.to(acc)).sum(-1).to(row_weight.dtype)
+    if needs_rows:
+        grad_rows = gathered
         if row_weight is not None:
-            acc = _acc_dtype(rows.dtype)
-            grad_rows = (grad_rows.to(acc) * row_weight.to(acc).unsqueeze(-1)).to(rows.dtype)
-    if row_weight is not None and ctx.needs_input_grad[2]:
-        grad_weight = torch.ops.moetrain.unpermute_weight_grad(grad_out, rows, row_token)
-        grad_weight = grad_weight.to(row_weight.dtype)
+            grad_rows = (gathered.to(acc) * row_weight.to(acc).unsqueeze(-1)).to(rows.dtype)
     return grad_rows, None, grad_weight, None
-
-
-def _weight_grad_setup(ctx, inputs, output) -> None:
-    grad_out, rows, row_token = inputs
-    ctx.save_for_backward(grad_out, rows, row_token)
-
-
-def _weight_grad_backward(ctx, grad_w):
-    # w_r = <g[token(r)], rows_r>: d/dg scatters grad_w * rows back, d/drows gathers g * grad_w.
-    grad_out, rows, row_token = ctx.saved_tensors
-    d_grad_out = d_rows = None
-    if ctx.needs_input_grad[0]:
-        d_grad_out = torch.ops.moetrain.unpermute(rows, row_token, grad_w, grad_out.shape[0])
-        d_grad_out = d_grad_out.to(grad_out.dtype)
-    if ctx.needs_input_grad[1]:
-        gathered = torch.ops.moetrain.permute(grad_out, row_token)
-        d_rows = (gathered.to(grad_w.dtype) * grad_w.unsqueeze(-1)).to(rows.dtype)
-    return d_grad_out, d_rows, None
 
 
 torch.library.register_autograd(
     "moetrain::permute", _permute_backward, setup_context=_permute_setup
 )
-torch.library.register_autograd(
-    "moetrain::unpermute_weight_grad", _weight_grad_backward, setup_context=_weight_grad_setup
-)
+
 torch.library.register_autograd(
     "moetrain::unpermute", _unpermute_backward, setup_context=_unpermute_setup
 )

@@ -40,13 +40,6 @@ def test_opcheck_unpermute(row_token, with_weight):
     torch.library.opcheck(torch.ops.moetrain.unpermute.default, (rows, row_token, weight, 4))
 
 
-def test_opcheck_unpermute_weight_grad():
-    grad_out = torch.randn(4, 3, requires_grad=True)
-    rows = torch.randn(6, 3, requires_grad=True)
-    op = torch.ops.moetrain.unpermute_weight_grad.default
-    torch.library.opcheck(op, (grad_out, rows, ROW_TOKEN))
-
-
 def test_permute_values():
     x = torch.randn(4, 3)
     rows = permute(x, ROW_TOKEN)
