@@ -10,9 +10,8 @@ from setuptools import find_packages, setup
 TEST = [
     "pytest>=8",
     "pytest-timeout>=2.3",
-    "transformers>=4.57",
+    "transformers>=5.0",
     "safetensors>=0.4",
-    "numpy>=1.26",
 ]
 DEV = ["ruff==0.17.5", "mypy==2.4.1"]
 BENCH = ["deepspeed>=0.19"]
@@ -23,6 +22,15 @@ setup(
     description="Train Mixture-of-Experts language models, from one CPU process to many GPU nodes",
     packages=find_packages(include=["moetrain", "moetrain.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.13"],
+    install_requires=[
+        "torch>=2.13",
+        "hydra-core>=1.3,<1.4",
+        "numpy>=1.26",
+        "tokenizers>=0.20",
+        "tqdm>=4.60",
+        "matplotlib>=3.8",
+        "wandb>=0.19",
+    ],
     extras_require={"test": TEST, "dev": DEV, "bench": BENCH},
+    entry_points={"console_scripts": ["moetrain-train = moetrain.train.cli:main"]},
 )

@@ -1,0 +1,94 @@
+"""The training app's structured config: one dataclass per component, composed into ``Config``.
+
+Field types are the ones OmegaConf accepts, so Hydra rejects an unknown key or a wrong type at
+start. Components validate their own fields; ``moetrain.config.validate.validate`` checks what
+spans components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from moetrain.data.config import DataConfig
+from moetrain.models.config import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    # null: runs/<timestamp>, resolved once per launch (moetrain.train.run_dir)
+    dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    seed: int = 0
+    global_batch_size: int = 16
+    micro_batch_size: int = 2
+    seq_len: int = 256
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    dtype: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights)
+    log_interval: int = 10
+    eval_interval: int = 100  # 0 disables periodic evaluation (the final one always runs)
+    eval_batches: int = 8
+    deterministic: bool = False
+    peak_flops_per_device: Optional[float] = None  # null: measured at start / known-GPU table
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
+    implementation: str = "foreach"  # foreach | fused | for_loop (torch optimizer kernels)
+    expert_lr_multiplier: float = 1.0  # routed-expert weights get lr * this
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # lr at the end of the decay, as a fraction of lr
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: the ranks left over
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0 = none
+    resume: str = "auto"
+    init_from: Optional[str] = None
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "moetrain"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,128 @@
+"""Checks that span components of the training config. Each raises ``ConfigError`` (a
+``ValueError``) naming the setting and the fix; component fields validate themselves."""
+
+from __future__ import annotations
+
+import os
+
+from moetrain.config.schema import Config
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fail(setting: str, why: str) -> None:
+    raise ConfigError(f"{setting}: {why}")
+
+
+def world_size() -> int:
+    """Processes in this launch (torchrun sets WORLD_SIZE; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def data_parallel_size(cfg: Config, world: int) -> int:
+    """dp_replicate x dp_shard, with dp_shard=-1 taking the ranks the other degrees leave."""
+    p = cfg.parallel
+    other = p.dp_replicate * p.tp * p.pp
+    shard = p.dp_shard if p.dp_shard != -1 else world // other
+    return p.dp_replicate * shard
+
+
+def validate(cfg: Config) -> None:
+    """Raise ``ConfigError`` for the first inconsistency found."""
+    cfg.model.validate()
+    cfg.data.validate()
+    _validate_train(cfg)
+    _validate_optim(cfg)
+    _validate_parallel(cfg)
+    _validate_checkpoint(cfg)
+    if cfg.logging.wandb.mode not in ("online", "offline", "disabled"):
+        _fail(
+            "logging.wandb.mode",
+            f"must be online, offline or disabled; got {cfg.logging.wandb.mode!r}",
+        )
+
+
+def _validate_train(cfg: Config) -> None:
+    t = cfg.train
+    if t.steps <= 0:
+        _fail("train.steps", f"must be > 0, got {t.steps}")
+    for name in (
+        "global_batch_size",
+        "micro_batch_size",
+        "seq_len",
+        "log_interval",
+        "eval_batches",
+    ):
+        if getattr(t, name) <= 0:
+            _fail(f"train.{name}", f"must be > 0, got {getattr(t, name)}")
+    if t.eval_interval < 0:
+        _fail("train.eval_interval", f"must be >= 0 (0 = only at the end), got {t.eval_interval}")
+    if t.seq_len > cfg.model.max_seq_len:
+        _fail("train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if t.dtype not in ("fp32", "bf16"):
+        _fail("train.dtype", f"must be fp32 or bf16, got {t.dtype!r}")
+    if t.grad_clip < 0:
+        _fail("train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
+    dp = data_parallel_size(cfg, world_size())
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        _fail(
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not divisible by train.micro_batch_size "
+            f"({t.micro_batch_size}) x data-parallel ranks ({dp}); choose a multiple of "
+            f"{t.micro_batch_size * dp}",
+        )
+
+
+def _validate_optim(cfg: Config) -> None:
+    o = cfg.optim
+    if o.name not in ("adamw", "sgd"):
+        _fail("optim.name", f"must be adamw or sgd, got {o.name!r}")
+    if o.schedule not in ("cosine", "wsd", "constant"):
+        _fail("optim.schedule", f"must be cosine, wsd or constant, got {o.schedule!r}")
+    if o.implementation not in ("foreach", "fused", "for_loop"):
+        _fail(
+            "optim.implementation", f"must be foreach, fused or for_loop; got {o.implementation!r}"
+        )
+    if not o.lr > 0:
+        _fail("optim.lr", f"must be > 0, got {o.lr}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        _fail("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.warmup_steps < 0 or o.warmup_steps >= cfg.train.steps:
+        _fail("optim.warmup_steps", f"must be in [0, train.steps), got {o.warmup_steps}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        _fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    if not 0 < o.decay_fraction <= 1:
+        _fail("optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
+    if o.expert_lr_multiplier <= 0:
+        _fail("optim.expert_lr_multiplier", f"must be > 0, got {o.expert_lr_multiplier}")
+
+
+def _validate_parallel(cfg: Config) -> None:
+    p = cfg.parallel
+    for name in ("dp_replicate", "tp", "pp", "ep", "etp"):
+        if getattr(p, name) < 1:
+            _fail(f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    world = world_size()
+    layout = p.dp_replicate * p.tp * p.pp * (p.dp_shard if p.dp_shard != -1 else 1)
+    if world != 1 or layout != 1 or p.ep != 1 or p.etp != 1:
+        _fail(
+            "parallel",
+            f"this version trains in one process (world size {world}, layout "
+            f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} pp={p.pp} "
+            f"ep={p.ep} etp={p.etp}); parallel layouts come with the distributed engine — "
+            "launch without torchrun and leave parallel.* at their defaults",
+        )
+
+
+def _validate_checkpoint(cfg: Config) -> None:
+    c = cfg.checkpoint
+    if c.resume not in ("auto", "never"):
+        _fail("checkpoint.resume", f"must be auto or never in this version, got {c.resume!r}")
+    if c.interval != 0 or c.init_from is not None:
+        _fail(
+            "checkpoint",
+            "saving (checkpoint.interval) and loading (checkpoint.init_from) are not in this "
+            "version yet; leave checkpoint.interval=0 and checkpoint.init_from=null",
+        )

@@ -1,0 +1,25 @@
+"""Data pipeline: built-in corpus, tokenizers, prepared token files, windows, resumable sampler.
+
+Public API: ``DataConfig``, ``build_tokenizer``, ``build_datasets``, ``WindowDataset``,
+``TokenSource``, ``ShuffledSampler``, ``BatchIterator``. See docs/data.md.
+"""
+
+from moetrain.data.batches import BatchIterator, micro_batch_slices
+from moetrain.data.config import DataConfig
+from moetrain.data.dataset import TokenSource, WindowDataset, build_datasets
+from moetrain.data.sampler import ShuffledSampler
+from moetrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
+
+__all__ = [
+    "BatchIterator",
+    "ByteTokenizer",
+    "DataConfig",
+    "HFTokenizer",
+    "ShuffledSampler",
+    "TokenSource",
+    "Tokenizer",
+    "WindowDataset",
+    "build_datasets",
+    "build_tokenizer",
+    "micro_batch_slices",
+]

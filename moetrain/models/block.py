@@ -1,0 +1,54 @@
+"""One decoder layer: pre-norm residual attention, then a dense MLP or an MoE layer.
+
+Legend: B sequences, S sequence length, D model dim, d head dim.
+
+``h = x + attention(attention_norm(x)); out = h + ffn(ffn_norm(h))``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from moetrain.models.attention import Attention
+from moetrain.models.config import ModelConfig
+from moetrain.models.mlp import FeedForward
+from moetrain.models.norms import RMSNorm
+from moetrain.moe.layer import MoELayer
+
+
+class TransformerBlock(nn.Module):
+    """Decoder layer ``layer_id``; its feed-forward is an ``MoELayer`` when
+    ``cfg.is_moe_layer(layer_id)`` (``moe_idx`` = its index among the MoE layers), else a dense
+    ``FeedForward`` of hidden size ``cfg.dense_hidden_dim``."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe_idx: int | None = None) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward: MoELayer | FeedForward
+        if cfg.is_moe_layer(layer_id):
+            self.feed_forward = MoELayer(cfg.moe, layer_idx=moe_idx)
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.dense_hidden_dim)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.feed_forward, MoELayer)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        self.attention_norm.reset_parameters()
+        self.attention.reset_parameters(std, out_std)
+        self.ffn_norm.reset_parameters()
+        self.feed_forward.reset_parameters(std, out_std)
+
+    def forward(
+        self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, tokens_BS: Tensor | None = None
+    ) -> Tensor:
+        """``tokens_BS`` (the input token ids) reach the MoE router (``router_type='hash'``)."""
+        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos_Sd, sin_Sd)
+        normed_BSD = self.ffn_norm(h_BSD)
+        if isinstance(self.feed_forward, MoELayer):
+            return h_BSD + self.feed_forward(normed_BSD, token_ids=tokens_BS)
+        return h_BSD + self.feed_forward(normed_BSD)

@@ -1,0 +1,127 @@
+"""The decoder-only transformer: embeddings -> blocks (dense or MoE) -> norm -> output.
+
+Legend: B sequences, S sequence length, D model dim, V vocabulary, d head dim.
+
+Parallelism is applied from outside (``moetrain.parallel``); this module never reads the rank.
+Parameter names (``tok_embeddings``, ``layers.<i>.attention.wq``, ``layers.<i>.feed_forward``,
+``norm``, ``output``) are the keys checkpoints and the HF adapters map.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+from moetrain.models.block import TransformerBlock
+from moetrain.models.config import ModelConfig
+from moetrain.models.norms import RMSNorm
+from moetrain.models.rope import RotaryEmbedding
+from moetrain.moe.layer import MoELayer
+
+
+class Transformer(nn.Module):
+    """``model(tokens_BS) -> logits_BSV`` (fp32).
+
+    Construction ends with :meth:`init_weights`, whose draws from torch's global RNG are the only
+    ones construction consumes on CPU: the same ``torch.manual_seed`` gives the same weights,
+    and so does building under ``torch.device("meta")`` (nothing allocated), then
+    ``to_empty(device=...)``, the same seed and :meth:`init_weights`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        # Submodules draw their default init from the CPU RNG; restore it so that the weights
+        # depend only on the RNG state at init_weights() (= meta build, seed, init_weights()).
+        with torch.random.fork_rng(devices=[]):
+            self._build(cfg)
+        self.rope = RotaryEmbedding(cfg)
+        self.init_weights()
+
+    def _build(self, cfg: ModelConfig) -> None:
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList()
+        moe_idx = 0
+        for layer_id in range(cfg.num_layers):
+            is_moe = cfg.is_moe_layer(layer_id)
+            self.layers.append(TransformerBlock(cfg, layer_id, moe_idx if is_moe else None))
+            moe_idx += int(is_moe)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialize every parameter, in a fixed order, from torch's global RNG.
+
+        Embeddings and input projections ~ N(0, init_std); the output projections of attention
+        and of the MLPs/experts (``wo``, ``w2``) ~ N(0, init_std / sqrt(2 * num_layers)) (GPT-2's
+        residual scaling); norms 1; biases 0; the final ``output`` ~ N(0, init_std) unless tied.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for layer in self.layers:  # may be wrapped (activation checkpointing): no isinstance
+            cast(TransformerBlock, layer).reset_parameters(std, out_std)
+        self.norm.reset_parameters()
+        if self.cfg.tie_embeddings:  # to_empty() replaces parameters one by one: tie again
+            self.output.weight = self.tok_embeddings.weight
+        else:
+            nn.init.normal_(self.output.weight, std=std)
+
+    def forward(self, tokens_BS: Tensor) -> Tensor:
+        """Args: ``tokens_BS`` int64 token ids, S <= ``model.max_seq_len``.
+        Returns: ``logits_BSV`` fp32. Raises ``ValueError`` on a too-long sequence."""
+        seq_len = tokens_BS.shape[1]
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                "raise model.max_seq_len or shorten the sequences"
+            )
+        cos_Sd, sin_Sd = self.rope(torch.arange(seq_len, device=tokens_BS.device))
+        h_BSD = self.tok_embeddings(tokens_BS)
+        for layer in self.layers:
+            h_BSD = layer(h_BSD, cos_Sd, sin_Sd, tokens_BS)
+        return self.output(self.norm(h_BSD)).float()
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE feed-forward layers, in depth order."""
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def num_params(self) -> int:
+        """Total parameters; a tied embedding/output matrix counts once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: everything except the routed experts not selected.
+
+        Each MoE layer's routed experts count ``top_k / num_experts`` of their parameters; the
+        router and shared experts count fully. The embedding table and the output projection are
+        included (as in the published "active parameter" counts of Mixtral and DeepSeek-V3).
+        """
+        inactive = 0
+        for layer in self.moe_layers():
+            routed = sum(p.numel() for p in layer.experts.parameters())
+            E, K = layer.cfg.num_experts, layer.cfg.top_k
+            inactive += routed - routed // E * K
+        return self.num_params() - inactive
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward) at sequence length ``seq_len``.
+
+        ``6 * N + 12 * num_layers * num_heads * head_dim * seq_len`` (PaLM appendix B, nanoGPT's
+        MFU): N = :meth:`num_active_params` without the embedding table (a lookup, no matmul; a
+        tied table still counts once, as the output projection); the second term is the
+        attention scores and the weighted sum of values, without halving for the causal mask.
+        """
+        cfg = self.cfg
+        matmul_params = self.num_active_params()
+        if not cfg.tie_embeddings:
+            matmul_params -= self.tok_embeddings.weight.numel()
+        attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+        return 6 * matmul_params + attention

@@ -1,0 +1,1 @@
+"""The training app: ``moetrain-train`` (Hydra) over the library layers."""

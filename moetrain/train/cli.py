@@ -1,0 +1,102 @@
+"""``moetrain-train`` / ``python -m moetrain.train``: the Hydra app that trains a model.
+
+Config mistakes (unknown key, wrong type, inconsistent settings, missing data) stop the run
+before training with one line naming the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import moetrain.config  # noqa: F401  (registers the structured config schema)
+from moetrain.config.schema import Config
+from moetrain.config.validate import validate
+from moetrain.train.trainer import Trainer
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """``run.dir``, else ``runs/<torchrun run id>`` (shared by a launch's ranks and restarts),
+    else ``runs/<timestamp>``."""
+    if cfg.run.dir:
+        path = Path(cfg.run.dir)
+    else:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        path = Path("runs") / (run_id if run_id != "none" else time.strftime("%Y%m%d-%H%M%S"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``moetrain-train`` would run with these command-line overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def setup(dict_cfg: DictConfig) -> tuple[Config, Path, Trainer]:
+    """Config -> (validated Config, run dir, Trainer). Raises ValueError/FileNotFoundError for
+    user errors."""
+    cfg: Config = OmegaConf.to_object(dict_cfg)  # type: ignore[assignment]
+    validate(cfg)
+    run_dir = resolve_run_dir(cfg)
+    cfg.run.dir = str(run_dir)
+    trainer = Trainer(cfg, run_dir)
+    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    return cfg, run_dir, trainer
+
+
+def describe(cfg: Config, run_dir: Path, trainer: Trainer) -> str:
+    from moetrain.ops import active_backend
+
+    model = trainer.model
+    return (
+        f"moetrain: run dir {run_dir}\n"
+        f"  model {model.num_params() / 1e6:.2f}M params ({model.num_active_params() / 1e6:.2f}M "
+        f"active), {len(trainer.moe_layers)} MoE layers; ops backend: {active_backend()}\n"
+        f"  data {data_summary(trainer.data_meta)}\n"
+        f"  {cfg.train.steps} steps x {cfg.train.global_batch_size} seqs x {cfg.train.seq_len} "
+        f"tokens; peak {trainer.peak_flops / 1e9:.1f} GFLOP/s ({trainer.peak_source})"
+    )
+
+
+def data_summary(meta: dict) -> str:
+    where = meta.get("source", "?")
+    if where == "stdlib":
+        where = f"Python {meta.get('python_version')} standard library"
+    tokens = meta.get("train_tokens", 0) / 1e6
+    return (
+        f"{where}: {tokens:.1f}M train tokens, {meta.get('val_tokens', 0) / 1e6:.2f}M val "
+        f"tokens, tokenizer {meta.get('tokenizer')}"
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _main(dict_cfg: DictConfig) -> None:
+    try:
+        cfg, run_dir, trainer = setup(dict_cfg)
+    except (ValueError, FileNotFoundError, OmegaConfBaseException) as err:
+        print(f"moetrain-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(describe(cfg, run_dir, trainer), flush=True)
+    result = trainer.run()
+    if result.val_losses:
+        first, last = result.val_losses[0][1], result.val_losses[-1][1]
+        print(f"moetrain: done; val loss {first:.4f} -> {last:.4f}; metrics in {run_dir}")
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Learning-rate schedules, as multipliers of each parameter group's base lr.
+
+``step`` counts optimizer steps taken so far (0 before the first). All schedules warm up
+linearly over ``warmup_steps`` (the first step uses lr / warmup_steps), then:
+
+- ``cosine``: half-cosine from 1 down to ``min_lr_ratio`` at the last step;
+- ``wsd`` (warmup-stable-decay): 1 until the final ``decay_fraction`` of the steps, then linear
+  down to ``min_lr_ratio`` at the last step;
+- ``constant``: 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from moetrain.config.schema import OptimConfig
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    floor = cfg.min_lr_ratio
+    last = max(total_steps - 1, 1)
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, math.floor(total_steps * (1 - cfg.decay_fraction)))
+        if step < decay_start:
+            return 1.0
+        progress = (step - decay_start) / max(last - decay_start, 1)
+        return 1.0 - (1.0 - floor) * min(progress, 1.0)
+    progress = (step - cfg.warmup_steps) / max(last - cfg.warmup_steps, 1)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    fn: Callable[[int], float] = lambda step: lr_multiplier(step, total_steps, cfg)  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

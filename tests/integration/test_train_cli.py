@@ -1,0 +1,156 @@
+"""End-to-end runs of the training app: the CLI, determinism, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from moetrain.train.cli import compose_config, setup
+
+SMOKE = ["experiment=smoke"]
+
+
+def run_in_process(tmp_path: Path, *overrides: str):
+    cfg = compose_config([*SMOKE, f"run.dir={tmp_path}", *overrides])
+    _, run_dir, trainer = setup(cfg)
+    return trainer.run(), run_dir
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    return subprocess.run(
+        [sys.executable, "-m", "moetrain.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.mark.timeout(240)
+def test_cli_trains_and_writes_metrics_and_heatmap(tmp_path):
+    proc = run_cli(
+        *SMOKE, f"run.dir={tmp_path / 'run'}", "logging.wandb.mode=offline", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    rows = read_rows(run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    keys = {
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "aux_loss",
+        "z_loss",
+        "dropped_frac",
+        "expert_load",
+    }
+    assert keys <= set(train_rows[0])
+    assert len(train_rows[0]["expert_load"]) == 3  # tiny: 4 layers, the first dense
+    assert all(abs(sum(shares) - 1) < 1e-5 for shares in train_rows[0]["expert_load"])
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    assert (run_dir / "expert_load.png").stat().st_size > 1000
+    assert (run_dir / "config.yaml").exists()
+    meta = json.loads((run_dir / "run_meta.json").read_text())
+    assert meta["python"] and meta["data"]
+    assert any((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    assert "ops backend" in proc.stdout
+
+
+@pytest.mark.timeout(240)
+def test_same_seed_same_losses(tmp_path):
+    first, _ = run_in_process(tmp_path / "a")
+    second, _ = run_in_process(tmp_path / "b")
+    assert first.losses == second.losses
+    other, _ = run_in_process(tmp_path / "c", "train.seed=1")
+    assert other.losses != first.losses
+
+
+def expect_setup_error(tmp_path: Path, overrides: list[str], *fragments: str) -> None:
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        setup(compose_config([*SMOKE, f"run.dir={tmp_path}", *overrides]))
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_top_k_above_experts(tmp_path):
+    expect_setup_error(tmp_path, ["model.moe.top_k=9"], "model.moe.top_k", "num_experts=8")
+
+
+def test_missing_data_path(tmp_path):
+    expect_setup_error(
+        tmp_path,
+        ["data=tokens", f"data.path={tmp_path / 'nope'}"],
+        "data.path",
+        "moetrain.data.prepare",
+    )
+
+
+def test_steps_not_positive(tmp_path):
+    expect_setup_error(tmp_path, ["train.steps=0"], "train.steps", "> 0")
+
+
+def test_global_batch_not_divisible(tmp_path):
+    expect_setup_error(
+        tmp_path, ["train.global_batch_size=5"], "train.global_batch_size", "train.micro_batch_size"
+    )
+
+
+def test_token_ids_past_vocab(tmp_path):
+    data_dir = tmp_path / "tokens"
+    data_dir.mkdir()
+    tokens = np.arange(0, 4096, dtype=np.uint16) % 1000  # ids up to 999 > vocab 384
+    tokens.tofile(data_dir / "tokens.bin")
+    (data_dir / "meta.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "dtype": "uint16",
+                "num_tokens": len(tokens),
+                "num_documents": 1,
+                "vocab_size": 259,
+                "tokenizer": "byte",
+                "eos_id": 257,
+            }
+        )
+    )
+    expect_setup_error(tmp_path, ["data=tokens", f"data.path={data_dir}"], "model.vocab_size")
+
+
+def test_unknown_key_is_rejected(tmp_path):
+    with pytest.raises(ConfigCompositionException, match=r"train\.no_such_key"):
+        compose_config([*SMOKE, "train.no_such_key=1"])
+    proc = run_cli("train.no_such_key=1", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "no_such_key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_wrong_type_is_rejected(tmp_path):
+    with pytest.raises(ConfigCompositionException, match=r"train\.steps"):
+        compose_config([*SMOKE, "train.steps=many"])
+    proc = run_cli("train.steps=many", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "train.steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_setup_error_is_one_line_on_the_cli(tmp_path):
+    proc = run_cli(*SMOKE, f"run.dir={tmp_path}", "model.moe.top_k=9", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("moetrain-train: error: model.moe.top_k")
+    assert "Traceback" not in proc.stderr
