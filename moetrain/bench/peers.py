@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moetrain.models.mlp import FeedForward
 from moetrain.moe import MoEConfig, MoELayer
 from moetrain.moe.experts import expert_mlp
 from moetrain.moe.reference import reference_moe_per_expert
@@ -164,17 +164,6 @@ def transformers_peer(shape: Shape, experts_impl: str = "grouped_mm") -> Peer:
     return Peer(step, lambda: shape.num_tokens * shape.top_k)
 
 
-class _SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 def deepspeed_peer(shape: Shape) -> Peer:
     """DeepSpeed-MoE (``deepspeed.moe.layer.MoE``), one process, SwiGLU experts. Dropless
     (``drop_tokens=False``) pads every expert to the largest count; its padding rows are not
@@ -191,7 +180,7 @@ def deepspeed_peer(shape: Shape) -> Peer:
     torch.manual_seed(0)
     moe = MoE(
         hidden_size=shape.dim,
-        expert=_SwiGLU(shape.dim, shape.hidden_dim),
+        expert=FeedForward(shape.dim, shape.hidden_dim),
         num_experts=shape.num_experts,
         ep_size=1,
         k=shape.top_k,

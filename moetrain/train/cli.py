@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 import moetrain.config  # noqa: F401  (registers the structured config schema)
 from moetrain.config.schema import Config
 from moetrain.config.validate import validate
+from moetrain.train.metrics import bits_per_token
 from moetrain.train.trainer import Trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -91,7 +92,11 @@ def _main(dict_cfg: DictConfig) -> None:
     result = trainer.run()
     if result.val_losses:
         first, last = result.val_losses[0][1], result.val_losses[-1][1]
-        print(f"moetrain: done; val loss {first:.4f} -> {last:.4f}; metrics in {run_dir}")
+        print(
+            f"moetrain: done; val loss {first:.4f} -> {last:.4f} "
+            f"({bits_per_token(first):.3f} -> {bits_per_token(last):.3f} bits/token); "
+            f"metrics in {run_dir}"
+        )
 
 
 def main() -> None:

@@ -87,6 +87,7 @@ class Trainer:
         val_losses: list[tuple[int, float]] = []
         load_steps: list[int] = []
         loads: list[list[list[float]]] = []
+        val_losses.append((0, self._evaluate_and_log(0, writer, tracker)))  # the start point
         bar = tqdm(
             range(1, t.steps + 1),
             disable=not cfg.logging.progress_bar,
@@ -107,14 +108,7 @@ class Trainer:
                 load_steps.append(step)
                 loads.append(row["expert_load"])
             if step == t.steps or (t.eval_interval and step % t.eval_interval == 0):
-                val = self.evaluate()
-                val_losses.append((step, val))
-                eval_row = {"step": step, "val_loss": val, "val_bpt": bits_per_token(val)}
-                writer.write(eval_row)
-                tracker.log(eval_row, step)
-                bar.write(
-                    f"step {step:>5} | val loss {val:.4f} | {eval_row['val_bpt']:.3f} bits/token"
-                )
+                val_losses.append((step, self._evaluate_and_log(step, writer, tracker, bar)))
         heatmap = self.run_dir / "expert_load.png"
         if save_expert_load_heatmap(load_steps, loads, heatmap):
             tracker.log_image("expert_load_heatmap", heatmap, t.steps)
@@ -145,6 +139,18 @@ class Trainer:
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         # host sync: the norm is logged every step
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+
+    def _evaluate_and_log(
+        self, step: int, writer: MetricsWriter, tracker: Tracker, bar: tqdm | None = None
+    ) -> float:
+        val = self.evaluate()
+        row = {"step": step, "val_loss": val, "val_bpt": bits_per_token(val)}
+        writer.write(row)
+        tracker.log(row, step)
+        (bar.write if bar is not None else print)(
+            f"step {step:>5} | val loss {val:.4f} | {row['val_bpt']:.3f} bits/token"
+        )
+        return val
 
     @torch.no_grad()
     def evaluate(self) -> float:
