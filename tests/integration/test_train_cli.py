@@ -44,7 +44,11 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(240)
 def test_cli_trains_and_writes_metrics_and_heatmap(tmp_path):
     proc = run_cli(
-        *SMOKE, f"run.dir={tmp_path / 'run'}", "logging.wandb.mode=offline", cwd=tmp_path
+        *SMOKE,
+        f"run.dir={tmp_path / 'run'}",
+        "logging.wandb.mode=offline",
+        "train.deterministic=true",  # process-global torch flag: set only in a subprocess
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "run"
