@@ -1,0 +1,196 @@
+"""ParallelDims: the parallel degrees of a launch, validated once, and every DeviceMesh built
+from them.
+
+World size = pp x dp_replicate x dp_shard x tp; ``dp_shard=-1`` takes the ranks left over.
+Ranks are laid out with pp outermost and tp innermost (rank = ((p*R + r)*S + s)*T + t).
+Expert parallelism folds into the ranks of one pipeline stage (Megatron-Core's "MoE parallel
+folding", torchtitan's dp2ep), so ``ep`` and ``etp`` do not multiply the world:
+
+- ``etp=1`` (experts not tensor-parallel): the dp_shard x tp ranks of a stage, flattened in rank
+  order, are regrouped as (edp_shard, ep) with ep innermost; ``ep`` must divide dp_shard x tp.
+- ``etp=tp``: each tp rank holds a slice of F of its experts; the dp_shard ranks are regrouped as
+  (edp_shard, ep); ``ep`` must divide dp_shard.
+
+The remaining factor is the expert-data-parallel degree ``edp = dp_replicate x edp_shard``: each
+expert is replicated (or FSDP-sharded) over edp ranks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+DENSE_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+EXPERT_AXES = ("pp", "dp_replicate", "edp_shard", "ep", "etp")
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def _fail(setting: str, why: str) -> None:
+    raise LayoutError(f"{setting}: {why}")
+
+
+@dataclass(frozen=True)
+class RankCoords:
+    """Where one rank sits on every axis."""
+
+    rank: int
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    ep: int
+    edp: int  # index among the ranks holding the same experts (over dp_replicate and edp_shard)
+    etp: int  # expert tensor-parallel index (0 when etp=1)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "pp", "dp_replicate", "tp", "ep", "etp"):
+            if getattr(self, name) < 1:
+                _fail(f"parallel.{name}", f"must be >= 1, got {getattr(self, name)}")
+        others = self.pp * self.dp_replicate * self.tp
+        if self.dp_shard == -1:
+            if self.world_size % others:
+                _fail(
+                    "parallel",
+                    f"world size {self.world_size} is not divisible by pp x dp_replicate x tp "
+                    f"= {others}; launch a multiple of {others} processes",
+                )
+            object.__setattr__(self, "dp_shard", self.world_size // others)
+        elif self.dp_shard < 1:
+            _fail("parallel.dp_shard", f"must be >= 1 or -1 (the rest), got {self.dp_shard}")
+        product = others * self.dp_shard
+        if product != self.world_size:
+            _fail(
+                "parallel",
+                f"pp x dp_replicate x dp_shard x tp = {self.pp} x {self.dp_replicate} x "
+                f"{self.dp_shard} x {self.tp} = {product}, but the world size is "
+                f"{self.world_size}; set parallel.dp_shard=-1 or launch {product} processes",
+            )
+        self._validate_experts_axes()
+
+    def _validate_experts_axes(self) -> None:
+        if self.etp not in (1, self.tp):
+            _fail("parallel.etp", f"must be 1 or equal to parallel.tp={self.tp}, got {self.etp}")
+        pool, pool_name = self.expert_pool
+        if pool % self.ep:
+            _fail(
+                "parallel.ep",
+                f"{self.ep} does not divide {pool_name} = {pool} (the ranks of one pipeline "
+                f"stage that experts spread over when etp={self.etp}); pick a divisor of {pool}",
+            )
+
+    @property
+    def expert_pool(self) -> tuple[int, str]:
+        """The per-replica ranks EP folds into, and their name for messages."""
+        if self.etp == 1:
+            return self.dp_shard * self.tp, "dp_shard x tp"
+        return self.dp_shard, "dp_shard"
+
+    @property
+    def edp_shard(self) -> int:
+        return self.expert_pool[0] // self.ep
+
+    @property
+    def edp(self) -> int:
+        return self.dp_replicate * self.edp_shard
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree of the dense parts: the number of distinct micro-batch streams."""
+        return self.dp_replicate * self.dp_shard
+
+    def validate_model(
+        self,
+        num_layers: int,
+        num_heads: int,
+        num_kv_heads: int,
+        num_experts: int | None,
+        virtual_stages: int = 1,
+    ) -> None:
+        """Model-dependent checks, before any process group starts."""
+        if num_experts is not None and num_experts % self.ep:
+            _fail("parallel.ep", f"{self.ep} does not divide model.moe.num_experts={num_experts}")
+        for heads, name in ((num_heads, "num_heads"), (num_kv_heads, "num_kv_heads")):
+            if heads % self.tp:
+                _fail("parallel.tp", f"{self.tp} does not divide model.{name}={heads}")
+        stages = self.pp * virtual_stages
+        if stages > num_layers:
+            _fail(
+                "parallel.pp",
+                f"pp x virtual stages = {self.pp} x {virtual_stages} = {stages} exceeds "
+                f"model.num_layers={num_layers}; every stage needs at least one layer",
+            )
+
+    # --- rank arithmetic ---------------------------------------------------------------------
+
+    def rank_grid(self) -> torch.Tensor:
+        """Ranks laid out as [pp, dp_replicate, dp_shard, tp]."""
+        return torch.arange(self.world_size).view(
+            self.pp, self.dp_replicate, self.dp_shard, self.tp
+        )
+
+    def expert_grid(self) -> torch.Tensor:
+        """Ranks laid out as [pp, dp_replicate, edp_shard, ep, etp]: a rank's expert group is
+        its row along ``ep``, its expert replicas lie along (dp_replicate, edp_shard)."""
+        grid = self.rank_grid()
+        if self.etp == 1:
+            flat = grid.reshape(self.pp, self.dp_replicate, self.dp_shard * self.tp)
+            return flat.view(self.pp, self.dp_replicate, self.edp_shard, self.ep, 1)
+        return grid.view(self.pp, self.dp_replicate, self.edp_shard, self.ep, self.tp)
+
+    def coords(self, rank: int) -> RankCoords:
+        p, r, s, t = (int(i) for i in (self.rank_grid() == rank).nonzero()[0])
+        _, _, es, e, et = (int(i) for i in (self.expert_grid() == rank).nonzero()[0])
+        return RankCoords(rank, p, r, s, t, ep=e, edp=r * self.edp_shard + es, etp=et)
+
+    def local_experts(self, ep_rank: int, num_experts: int) -> range:
+        """The global ids of the experts EP rank ``ep_rank`` holds (contiguous blocks)."""
+        per_rank = num_experts // self.ep
+        return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+    def layer_ranges(self, num_layers: int, virtual_stages: int = 1) -> list[range]:
+        """Layers of each pipeline stage (pp x virtual_stages chunks, earlier ones larger by at
+        most one layer). Stage ``v * pp + p`` runs on pp rank ``p`` (interleaved schedules)."""
+        stages = self.pp * virtual_stages
+        base, extra = divmod(num_layers, stages)
+        bounds = [0]
+        for i in range(stages):
+            bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+        return [range(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+@dataclass
+class Meshes:
+    """``dense``: [pp, dp_replicate, dp_shard, tp]; ``experts``: [pp, dp_replicate, edp_shard,
+    ep, etp] over the same ranks (process groups of its own)."""
+
+    dense: DeviceMesh
+    experts: DeviceMesh
+
+
+def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
+    """Build both meshes; every rank of the default process group must call this, in the same
+    order. The default group must have ``dims.world_size`` ranks."""
+    world = dist.get_world_size()
+    if world != dims.world_size:
+        _fail("parallel", f"the process group has {world} ranks, the layout {dims.world_size}")
+    dense = DeviceMesh(device_type, dims.rank_grid(), mesh_dim_names=DENSE_AXES)
+    experts = DeviceMesh(device_type, dims.expert_grid(), mesh_dim_names=EXPERT_AXES)
+    return Meshes(dense, experts)

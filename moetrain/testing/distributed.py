@@ -1,0 +1,87 @@
+"""``run_distributed``: run a function on N gloo processes, the one helper every multi-process
+test uses. A hang fails fast: the processes are killed at ``timeout`` seconds."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    timeout: float,
+    fn: Callable[..., Any],
+    args: tuple,
+    results: Any,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
+    try:
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+        )
+        results.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException:  # report everything, including assertion failures, to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes, each with a
+    gloo default process group, and return the ranks' return values in rank order.
+
+    ``fn`` and its arguments must be picklable (a module-level function). Raises
+    ``RuntimeError`` with the failing ranks' tracebacks, or ``TimeoutError`` after ``timeout``
+    seconds (every process is then killed).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, timeout, fn, args, results))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, tuple[str, Any]] = {}
+    try:
+        for _ in range(world_size):
+            rank, status, value = results.get(timeout=timeout)
+            outcomes[rank] = (status, value)
+    except Exception as err:  # queue.Empty: some rank neither returned nor failed in time
+        missing = sorted(set(range(world_size)) - set(outcomes))
+        raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f}s") from err
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    errors = {r: v for r, (s, v) in outcomes.items() if s == "error"}
+    if errors:
+        raise RuntimeError("\n".join(f"--- rank {r}:\n{tb}" for r, tb in sorted(errors.items())))
+    return [outcomes[r][1] for r in range(world_size)]

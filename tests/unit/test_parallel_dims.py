@@ -1,0 +1,97 @@
+"""ParallelDims: degree resolution, folding, validation messages and rank arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from moetrain.parallel import LayoutError, ParallelDims
+
+
+def test_design_examples():
+    # DESIGN.md: world 4, ep=2 alone -> dp_shard=4, ep=2, edp=2
+    d = ParallelDims(world_size=4, ep=2)
+    assert (d.dp_shard, d.ep, d.edp, d.dp) == (4, 2, 2, 4)
+    # tp=2 ep=2 -> dp_shard=2; etp=1: edp=2; etp=2: edp=1
+    d = ParallelDims(world_size=4, tp=2, ep=2)
+    assert (d.dp_shard, d.edp) == (2, 2)
+    assert ParallelDims(world_size=4, tp=2, ep=2, etp=2).edp == 1
+    assert ParallelDims(world_size=8, dp_replicate=2, ep=2).edp == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs,setting,fragment",
+    [
+        (dict(world_size=4, ep=3), "parallel.ep", "does not divide dp_shard x tp = 4"),
+        (dict(world_size=4, tp=2, ep=4, etp=2), "parallel.ep", "does not divide dp_shard = 2"),
+        (dict(world_size=4, dp_shard=3), "parallel", "the world size is 4"),
+        (dict(world_size=6, pp=4), "parallel", "not divisible by pp x dp_replicate x tp = 4"),
+        (dict(world_size=4, tp=2, etp=3), "parallel.etp", "must be 1 or equal to parallel.tp=2"),
+        (dict(world_size=4, tp=0), "parallel.tp", ">= 1"),
+    ],
+)
+def test_bad_layouts(kwargs, setting, fragment):
+    with pytest.raises(LayoutError) as info:
+        ParallelDims(**kwargs)
+    assert str(info.value).startswith(setting + ":") and fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs,model,setting",
+    [
+        (dict(world_size=4, ep=4), dict(num_experts=6), "parallel.ep"),
+        (dict(world_size=4, tp=4), dict(num_kv_heads=2), "parallel.tp"),
+        (dict(world_size=4, tp=4), dict(num_heads=6), "parallel.tp"),
+        (dict(world_size=2, pp=2), dict(num_layers=3, virtual_stages=2), "parallel.pp"),
+    ],
+)
+def test_bad_layouts_for_the_model(kwargs, model, setting):
+    shape = dict(num_layers=4, num_heads=4, num_kv_heads=4, num_experts=8, virtual_stages=1)
+    shape.update(model)
+    with pytest.raises(LayoutError, match=f"^{setting}:"):
+        ParallelDims(**kwargs).validate_model(**shape)
+
+
+def test_coords_rank_order_and_folding():
+    # world 8 = pp2 x dp_shard2 x tp2; rank = (p*2 + s)*2 + t
+    d = ParallelDims(world_size=8, pp=2, tp=2, ep=2)
+    c = d.coords(6)  # p=1, s=1, t=0
+    assert (c.pp, c.dp_replicate, c.dp_shard, c.tp) == (1, 0, 1, 0)
+    # etp=1: a stage's dp_shard x tp ranks [4, 5, 6, 7] regroup as edp_shard x ep = 2 x 2
+    assert [d.coords(r).ep for r in (4, 5, 6, 7)] == [0, 1, 0, 1]
+    assert [d.coords(r).edp for r in (4, 5, 6, 7)] == [0, 0, 1, 1]
+    # etp=tp: ep runs over dp_shard; tp ranks split F
+    e = ParallelDims(world_size=4, tp=2, ep=2, etp=2)
+    assert [(e.coords(r).ep, e.coords(r).etp, e.coords(r).edp) for r in range(4)] == [
+        (0, 0, 0),
+        (0, 1, 0),
+        (1, 0, 0),
+        (1, 1, 0),
+    ]
+
+
+def test_expert_and_layer_placement():
+    d = ParallelDims(world_size=4, ep=4)
+    assert [list(d.local_experts(r, 8)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    p = ParallelDims(world_size=2, pp=2)
+    assert p.layer_ranges(5) == [range(0, 3), range(3, 5)]
+    assert p.layer_ranges(4, virtual_stages=2) == [range(i, i + 1) for i in range(4)]
+
+
+def test_plan_describes_every_rank():
+    import torch
+
+    from moetrain.models import ModelConfig, Transformer
+    from moetrain.parallel.plan import describe_plan
+
+    cfg = ModelConfig()  # tiny: 4 layers, the first dense, 8 experts of 3*128*256 weights
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    dims = ParallelDims(world_size=4, pp=2, ep=2)
+    text = describe_plan(dims, model, cfg.moe.num_experts)
+    rows = [line.split() for line in text.splitlines() if line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
+    assert [r[8] for r in rows] == ["0-1", "0-1", "2-3", "2-3"]  # layers by pp rank
+    assert [r[9] for r in rows] == ["0-3", "4-7", "0-3", "4-7"]  # experts by ep rank
+    # pp rank 0 holds MoE layer 1, pp rank 1 MoE layers 2-3; experts split over ep=2 only
+    per_layer = 8 * 3 * 128 * 256
+    assert [int(r[11].replace(",", "")) for r in rows] == [per_layer // 2] * 2 + [per_layer] * 2

@@ -1,0 +1,52 @@
+"""Print a parallel layout's plan without launching anything: meshes, the rank table and what
+each rank holds.
+
+    python tools/plan_parallel.py --world-size 4 parallel.ep=2 [model=... other overrides]
+
+Bad layouts stop with the same one-line message a launch would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from omegaconf import OmegaConf
+
+from moetrain.models import Transformer
+from moetrain.parallel import LayoutError, ParallelDims
+from moetrain.parallel.plan import describe_plan
+from moetrain.train.cli import compose_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--virtual-stages", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., parallel.*=...)")
+    args = parser.parse_args()
+    cfg = OmegaConf.to_object(compose_config(args.overrides))
+    p, m = cfg.parallel, cfg.model  # type: ignore[attr-defined]
+    try:
+        dims = ParallelDims(
+            world_size=args.world_size,
+            pp=p.pp,
+            dp_replicate=p.dp_replicate,
+            dp_shard=p.dp_shard,
+            tp=p.tp,
+            ep=p.ep,
+            etp=p.etp,
+        )
+        experts = m.moe.num_experts if m.num_moe_layers else None
+        dims.validate_model(m.num_layers, m.num_heads, m.num_kv_heads, experts, args.virtual_stages)
+    except LayoutError as err:
+        print(f"plan_parallel: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    with torch.device("meta"):
+        model = Transformer(m)
+    print(describe_plan(dims, model, experts, args.virtual_stages))
+
+
+if __name__ == "__main__":
+    main()
