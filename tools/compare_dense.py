@@ -1,7 +1,7 @@
 """Train the tiny MoE and the tiny dense model (same active parameters) on the same tokens and
 report both validation losses.
 
-    python tools/compare_dense.py [--steps 600] [extra Hydra overrides ...]
+    python tools/compare_dense.py [--steps 400] [extra Hydra overrides ...]
 
 Not a test: one run of each, same seed, same data order, same steps and tokens.
 """
@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from moetrain.train.cli import compose_config, setup
 from moetrain.train.metrics import bits_per_token
 
 
-def train(model: str, steps: int, extra: list[str]) -> dict:
+def train(model: str, steps: int, out_dir: str, extra: list[str]) -> dict:
     overrides = [
         f"model={model}",
         f"train.steps={steps}",
-        f"run.dir=runs/compare_dense/{model}",
+        f"run.dir={out_dir}/{model}",
         "logging.wandb.mode=disabled",
         *extra,
     ]
@@ -43,7 +44,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to both runs")
     args = parser.parse_args()
-    rows = [train(m, args.steps, args.overrides) for m in ("tiny", "tiny_dense")]
+    out_dir = f"runs/compare_dense-{time.strftime('%Y%m%d-%H%M%S')}"
+    rows = [train(m, args.steps, out_dir, args.overrides) for m in ("tiny", "tiny_dense")]
     if args.json:
         print(json.dumps(rows))
         return

@@ -12,10 +12,12 @@ import argparse
 import sys
 
 import torch
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from moetrain.models import Transformer
-from moetrain.parallel import LayoutError, ParallelDims
+from moetrain.parallel import ParallelDims
 from moetrain.parallel.plan import describe_plan
 from moetrain.train.cli import compose_config
 
@@ -26,9 +28,9 @@ def main() -> None:
     parser.add_argument("--virtual-stages", type=int, default=1)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., parallel.*=...)")
     args = parser.parse_args()
-    cfg = OmegaConf.to_object(compose_config(args.overrides))
-    p, m = cfg.parallel, cfg.model  # type: ignore[attr-defined]
     try:
+        cfg = OmegaConf.to_object(compose_config(args.overrides))
+        p, m = cfg.parallel, cfg.model  # type: ignore[attr-defined]
         dims = ParallelDims(
             world_size=args.world_size,
             pp=p.pp,
@@ -39,8 +41,8 @@ def main() -> None:
             etp=p.etp,
         )
         experts = m.moe.num_experts if m.num_moe_layers else None
-        dims.validate_model(m.num_layers, m.num_heads, m.num_kv_heads, experts, args.virtual_stages)
-    except LayoutError as err:
+        dims.validate_model(m, args.virtual_stages)
+    except (ValueError, OmegaConfBaseException, HydraException) as err:  # LayoutError included
         print(f"plan_parallel: error: {err}", file=sys.stderr)
         sys.exit(2)
     with torch.device("meta"):

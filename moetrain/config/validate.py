@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from moetrain.config.schema import Config
+from moetrain.parallel.dims import ParallelDims
 
 
 class ConfigError(ValueError):
@@ -21,21 +22,27 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def data_parallel_size(cfg: Config, world: int) -> int:
-    """dp_replicate x dp_shard, with dp_shard=-1 taking the ranks the other degrees leave."""
+def parallel_dims(cfg: Config) -> ParallelDims:
+    """The launch's layout (raises ``LayoutError`` naming the setting when inconsistent)."""
     p = cfg.parallel
-    other = p.dp_replicate * p.tp * p.pp
-    shard = p.dp_shard if p.dp_shard != -1 else world // other
-    return p.dp_replicate * shard
+    return ParallelDims(
+        world_size=world_size(),
+        pp=p.pp,
+        dp_replicate=p.dp_replicate,
+        dp_shard=p.dp_shard,
+        tp=p.tp,
+        ep=p.ep,
+        etp=p.etp,
+    )
 
 
 def validate(cfg: Config) -> None:
     """Raise ``ConfigError`` for the first inconsistency found."""
     cfg.model.validate()
     cfg.data.validate()
-    _validate_train(cfg)
+    dims = _validate_parallel(cfg)
+    _validate_train(cfg, dims)
     _validate_optim(cfg)
-    _validate_parallel(cfg)
     _validate_checkpoint(cfg)
     if cfg.logging.wandb.mode not in ("online", "offline", "disabled"):
         _fail(
@@ -44,7 +51,7 @@ def validate(cfg: Config) -> None:
         )
 
 
-def _validate_train(cfg: Config) -> None:
+def _validate_train(cfg: Config, dims: ParallelDims) -> None:
     t = cfg.train
     if t.steps <= 0:
         _fail("train.steps", f"must be > 0, got {t.steps}")
@@ -65,7 +72,7 @@ def _validate_train(cfg: Config) -> None:
         _fail("train.dtype", f"must be fp32 or bf16, got {t.dtype!r}")
     if t.grad_clip < 0:
         _fail("train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
-    dp = data_parallel_size(cfg, world_size())
+    dp = dims.dp
     if t.global_batch_size % (t.micro_batch_size * dp):
         _fail(
             "train.global_batch_size",
@@ -99,21 +106,19 @@ def _validate_optim(cfg: Config) -> None:
         _fail("optim.expert_lr_multiplier", f"must be > 0, got {o.expert_lr_multiplier}")
 
 
-def _validate_parallel(cfg: Config) -> None:
-    p = cfg.parallel
-    for name in ("dp_replicate", "tp", "pp", "ep", "etp"):
-        if getattr(p, name) < 1:
-            _fail(f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
-    world = world_size()
-    layout = p.dp_replicate * p.tp * p.pp * (p.dp_shard if p.dp_shard != -1 else 1)
-    if world != 1 or layout != 1 or p.ep != 1 or p.etp != 1:
+def _validate_parallel(cfg: Config) -> ParallelDims:
+    dims = parallel_dims(cfg)
+    dims.validate_model(cfg.model)
+    if dims.world_size != 1:
+        p = cfg.parallel
         _fail(
             "parallel",
-            f"this version trains in one process (world size {world}, layout "
+            f"this version trains in one process (world size {dims.world_size}, layout "
             f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} pp={p.pp} "
             f"ep={p.ep} etp={p.etp}); parallel layouts come with the distributed engine — "
             "launch without torchrun and leave parallel.* at their defaults",
         )
+    return dims
 
 
 def _validate_checkpoint(cfg: Config) -> None:

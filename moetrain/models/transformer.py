@@ -117,11 +117,13 @@ class Transformer(nn.Module):
         ``6 * N + 12 * num_layers * num_heads * head_dim * seq_len`` (PaLM appendix B, nanoGPT's
         MFU): N = :meth:`num_active_params` without the embedding table (a lookup, no matmul; a
         tied table still counts once, as the output projection); the second term is the
-        attention scores and the weighted sum of values, without halving for the causal mask.
+        attention scores and the weighted sum of values, without halving for the causal mask;
+        with a sliding window each query attends to at most ``sliding_window`` keys.
         """
         cfg = self.cfg
         matmul_params = self.num_active_params()
         if not cfg.tie_embeddings:
             matmul_params -= self.tok_embeddings.weight.numel()
-        attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+        keys = min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
+        attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * keys
         return 6 * matmul_params + attention

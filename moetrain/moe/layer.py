@@ -96,6 +96,8 @@ class MoELayer(nn.Module):
         seq_len = x.shape[-2] if x.dim() == 3 else None
         x_TD = x.reshape(-1, cfg.dim)
         routed = self.router(x_TD, token_ids)
+        if self.training and isinstance(self.router, Router):
+            self.router.record_load(routed.topk_ids_TK)
         keep_TK, capacity = self._apply_capacity(routed)
         lb_loss, zl = self._aux_losses(routed, seq_len)
         routing = Routing(

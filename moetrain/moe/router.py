@@ -57,6 +57,11 @@ class Router(nn.Module):
         self.step_load_E.zero_()
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
+        # fp32 router math even under autocast (which would run F.linear in bf16)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return self._route(x_TD)
+
+    def _route(self, x_TD: Tensor) -> RouterOutput:
         cfg = self.cfg
         x = x_TD.float()
         if self.training and cfg.router_jitter > 0:
@@ -74,8 +79,6 @@ class Router(nn.Module):
         if cfg.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * cfg.routed_scaling_factor
-        if self.training and cfg.bias_update_rate is not None:
-            self.step_load_E += torch.bincount(topk_ids_TK.flatten(), minlength=cfg.num_experts)
         return RouterOutput(topk_ids_TK, weights_TK, logits_TE, self._probs(scores_TE))
 
     def _scores(self, logits_TE: Tensor) -> Tensor:
@@ -95,6 +98,22 @@ class Router(nn.Module):
         if self.cfg.score_func == "sigmoid":
             return scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
         return scores_TE
+
+    @torch.no_grad()
+    def record_load(self, topk_ids_TK: Tensor) -> None:
+        """Add one micro-batch's selections to this step's load (aux-loss-free balancing).
+        The layer calls it in training; calling the router alone records nothing."""
+        if self.cfg.bias_update_rate is not None:
+            self.step_load_E += torch.bincount(
+                topk_ids_TK.flatten(), minlength=self.cfg.num_experts
+            )
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) must not round the balancing state: 256 + 1 == 256 and 0.5 + 1e-3 == 0.5 in bf16
+        super()._apply(fn, recurse)
+        self.expert_bias_E = self.expert_bias_E.float()
+        self.step_load_E = self.step_load_E.float()
+        return self
 
     @torch.no_grad()
     def update_expert_bias(self, reduce_load=None) -> Tensor | None:

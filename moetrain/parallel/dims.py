@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from moetrain.models.config import ModelConfig
+
 DENSE_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 EXPERT_AXES = ("pp", "dp_replicate", "edp_shard", "ep", "etp")
 
@@ -116,26 +118,32 @@ class ParallelDims:
         """Data-parallel degree of the dense parts: the number of distinct micro-batch streams."""
         return self.dp_replicate * self.dp_shard
 
-    def validate_model(
-        self,
-        num_layers: int,
-        num_heads: int,
-        num_kv_heads: int,
-        num_experts: int | None,
-        virtual_stages: int = 1,
-    ) -> None:
+    def validate_model(self, model: ModelConfig, virtual_stages: int = 1) -> None:
         """Model-dependent checks, before any process group starts."""
+        num_experts = model.moe.num_experts if model.num_moe_layers else None
         if num_experts is not None and num_experts % self.ep:
             _fail("parallel.ep", f"{self.ep} does not divide model.moe.num_experts={num_experts}")
-        for heads, name in ((num_heads, "num_heads"), (num_kv_heads, "num_kv_heads")):
-            if heads % self.tp:
-                _fail("parallel.tp", f"{self.tp} does not divide model.{name}={heads}")
+        divisible_by_tp = {
+            "model.num_heads": model.num_heads,
+            "model.num_kv_heads": model.num_kv_heads,
+            "model.dense_hidden_dim": model.dense_hidden_dim,
+            "model.vocab_size": model.vocab_size,
+        }
+        for name, size in divisible_by_tp.items():
+            if size % self.tp:
+                _fail("parallel.tp", f"{self.tp} does not divide {name}={size}")
+        if num_experts is not None and model.moe.hidden_dim % self.etp:
+            _fail(
+                "parallel.etp",
+                f"{self.etp} does not divide model.moe.hidden_dim={model.moe.hidden_dim} "
+                "(expert tensor parallelism splits each expert's hidden dim)",
+            )
         stages = self.pp * virtual_stages
-        if stages > num_layers:
+        if stages > model.num_layers:
             _fail(
                 "parallel.pp",
                 f"pp x virtual stages = {self.pp} x {virtual_stages} = {stages} exceeds "
-                f"model.num_layers={num_layers}; every stage needs at least one layer",
+                f"model.num_layers={model.num_layers}; every stage needs at least one layer",
             )
 
     # --- rank arithmetic ---------------------------------------------------------------------

@@ -76,15 +76,17 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         rows = sort_by_expert(routing, self.num_experts)
         # counts per (destination rank, local expert) -> per (source rank, local expert)
-        send_counts = rows.tokens_per_expert_E.view(self.ep, self.num_local)
+        # counts travel on the rows' device (NCCL needs device tensors, gloo takes CPU ones)
+        send_counts = rows.tokens_per_expert_E.view(self.ep, self.num_local).to(x_TD.device)
         recv_counts = torch.empty_like(send_counts)
-        # host-side counts: gloo exchanges CPU tensors; on NCCL this is the one count sync
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        in_splits = send_counts.sum(1).tolist()
+        recv_counts = recv_counts.cpu()  # host sync: the split sizes of the token exchange
+        in_splits = rows.tokens_per_expert_E.view(self.ep, self.num_local).sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
         sent_RD = permute(x_TD, rows.row_token_R)
         received_RD = all_to_all(sent_RD, out_splits, in_splits, self.group)
-        order = chunk_order(recv_counts)  # (source, local expert) -> (local expert, source)
+        # (source, local expert) -> (local expert, source)
+        order = chunk_order(recv_counts).to(x_TD.device)
         self._state = (rows, x_TD.shape[0], in_splits, out_splits, order)
         return permute(received_RD, order), recv_counts.sum(0)
 

@@ -25,15 +25,21 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     if cfg.schedule == "constant":
         return 1.0
     floor = cfg.min_lr_ratio
-    last = max(total_steps - 1, 1)
+    last = total_steps - 1
     if cfg.schedule == "wsd":
         decay_start = max(cfg.warmup_steps, math.floor(total_steps * (1 - cfg.decay_fraction)))
         if step < decay_start:
             return 1.0
-        progress = (step - decay_start) / max(last - decay_start, 1)
-        return 1.0 - (1.0 - floor) * min(progress, 1.0)
-    progress = (step - cfg.warmup_steps) / max(last - cfg.warmup_steps, 1)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0 - (1.0 - floor) * _progress(step, decay_start, last)
+    progress = _progress(step, cfg.warmup_steps, last)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _progress(step: int, start: int, end: int) -> float:
+    """0 at ``start``, 1 at ``end`` and after (1 when the phase has no length)."""
+    if end <= start:
+        return 1.0 if step >= start else 0.0
+    return min(max((step - start) / (end - start), 0.0), 1.0)
 
 
 def build_scheduler(

@@ -1,8 +1,9 @@
 """The training loop: build everything from the config, then step, log, evaluate.
 
-Per optimizer step each data-parallel rank runs ``global_batch_size / (micro_batch_size x dp)``
-micro-batches one after another (gradient accumulation); the LM loss of each is divided by that
-count, and so is the aux-loss gradient (``MoELayer.aux_loss_scale``).
+Per optimizer step the (single, in this version) data-parallel rank runs
+``global_batch_size / micro_batch_size`` micro-batches one after another (gradient
+accumulation); the LM loss of each is divided by that count, and so is the aux-loss gradient
+(``MoELayer.aux_loss_scale``).
 """
 
 from __future__ import annotations
@@ -120,9 +121,7 @@ class Trainer:
         t = self.cfg.train
         stats = StepStats()
         for inputs_BS, targets_BS in self.train_batches.next_global_batch(t.global_batch_size):
-            with self.autocast:
-                logits = self.model(inputs_BS)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+            loss = self._lm_loss(inputs_BS, targets_BS)
             (loss / self.num_micro).backward()
             stats.add_micro_batch(loss.detach(), self.moe_layers)
         grad_norm = self._clip_gradients()
@@ -152,6 +151,12 @@ class Trainer:
         )
         return val
 
+    def _lm_loss(self, inputs_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy (mean over tokens), the logits upcast to fp32."""
+        with self.autocast:
+            logits_BSV = self.model(inputs_BS)
+        return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean LM loss over ``train.eval_batches`` fixed validation micro-batches."""
@@ -160,9 +165,7 @@ class Trainer:
         total = 0.0
         batches = self.val_data.fixed_batches(t.eval_batches, t.micro_batch_size)
         for inputs_BS, targets_BS in batches:
-            with self.autocast:
-                logits = self.model(inputs_BS)
-            total += F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten()).item()
+            total += self._lm_loss(inputs_BS, targets_BS).item()
         self.model.train()
         return total / len(batches)
 

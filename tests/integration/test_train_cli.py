@@ -167,3 +167,9 @@ def test_bf16_sgd_wsd_run_trains(tmp_path):
     assert len(result.losses) == 8 and all(math.isfinite(x) for x in result.losses)
     assert result.losses[-1] < result.losses[0]
     assert [s for s, _ in result.val_losses] == [0, 3, 6, 8]
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    expect_setup_error(tmp_path, [], "run.dir", "already holds a run")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -35,20 +35,48 @@ def test_bad_layouts(kwargs, setting, fragment):
     assert str(info.value).startswith(setting + ":") and fragment in str(info.value)
 
 
+def model_config(**changes):
+    from moetrain.models import ModelConfig
+    from moetrain.moe import MoEConfig
+
+    moe = MoEConfig(
+        num_experts=changes.pop("moe_experts", 8),
+        top_k=2,
+        dim=64,
+        hidden_dim=changes.pop("moe_hidden", 256),
+    )
+    shape = dict(
+        vocab_size=384,
+        dim=64,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        dense_hidden_dim=256,
+        moe=moe,
+    )
+    shape.update(changes)
+    return ModelConfig(**shape)
+
+
 @pytest.mark.parametrize(
-    "kwargs,model,setting",
+    "kwargs,changes,setting",
     [
-        (dict(world_size=4, ep=4), dict(num_experts=6), "parallel.ep"),
+        (dict(world_size=4, ep=4), dict(moe_experts=6), "parallel.ep"),
         (dict(world_size=4, tp=4), dict(num_kv_heads=2), "parallel.tp"),
-        (dict(world_size=4, tp=4), dict(num_heads=6), "parallel.tp"),
-        (dict(world_size=2, pp=2), dict(num_layers=3, virtual_stages=2), "parallel.pp"),
+        (dict(world_size=4, tp=4), dict(num_heads=6, num_kv_heads=2, head_dim=16), "parallel.tp"),
+        (dict(world_size=4, tp=4), dict(vocab_size=258), "parallel.tp"),
+        (dict(world_size=4, tp=4), dict(dense_hidden_dim=250), "parallel.tp"),
+        (dict(world_size=4, tp=4, etp=4), dict(moe_hidden=250), "parallel.etp"),
+        (dict(world_size=2, pp=2), dict(num_layers=3), "parallel.pp"),
     ],
 )
-def test_bad_layouts_for_the_model(kwargs, model, setting):
-    shape = dict(num_layers=4, num_heads=4, num_kv_heads=4, num_experts=8, virtual_stages=1)
-    shape.update(model)
+def test_bad_layouts_for_the_model(kwargs, changes, setting):
+    dims = ParallelDims(**kwargs)
+    dims.validate_model(model_config(), virtual_stages=1 if setting != "parallel.pp" else 2)
     with pytest.raises(LayoutError, match=f"^{setting}:"):
-        ParallelDims(**kwargs).validate_model(**shape)
+        dims.validate_model(
+            model_config(**changes), virtual_stages=2 if "num_layers" in changes else 1
+        )
 
 
 def test_coords_rank_order_and_folding():

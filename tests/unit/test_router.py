@@ -178,8 +178,8 @@ STEP_2 = torch.tensor([[2.0, 0.0, 1.0, 0.0], [0.0, 0.0, 7.0, 0.0]])
 
 def bias_router():
     router = identity_router(4, 1, bias_update_rate=0.1).train()
-    router(STEP_1)
-    router(STEP_2)
+    for step in (STEP_1, STEP_2):
+        router.record_load(router(step).topk_ids_TK)
     return router
 
 
@@ -322,3 +322,39 @@ def test_layer_update_expert_bias():
     torch.testing.assert_close(layer.router.expert_bias_E, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
     hash_cfg = MoEConfig(num_experts=4, top_k=1, dim=4, hidden_dim=8, router_type="hash")
     assert MoELayer(hash_cfg).update_expert_bias() is None
+
+
+def test_router_math_is_fp32_under_autocast():
+    cfg = MoEConfig(num_experts=4, top_k=2, dim=8, hidden_dim=8)
+    router = Router(cfg).eval()
+    x = torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = router(x)
+    for t in (out.logits_TE, out.probs_TE, out.topk_weights_TK):
+        assert t.dtype == torch.float32
+    torch.testing.assert_close(out.logits_TE, x @ router.weight_ED.t())
+
+
+def test_only_the_layer_records_load():
+    from moetrain.moe.reference import reference_moe_per_token
+
+    cfg = MoEConfig(num_experts=4, top_k=1, dim=4, hidden_dim=8, bias_update_rate=0.1)
+    layer = MoELayer(cfg).train()
+    layer.router(STEP_1)
+    reference_moe_per_token(layer, STEP_1)
+    assert layer.router.step_load_E.tolist() == [0.0] * 4
+    layer(STEP_1)
+    assert layer.router.step_load_E.sum().item() == STEP_1.shape[0]
+    layer.eval()(STEP_1)  # evaluation does not count toward the step's load
+    assert layer.router.step_load_E.sum().item() == STEP_1.shape[0]
+
+
+def test_balancing_state_stays_fp32_when_the_layer_is_cast():
+    cfg = MoEConfig(num_experts=4, top_k=1, dim=4, hidden_dim=8, bias_update_rate=1e-3)
+    layer = MoELayer(cfg).to(torch.bfloat16)
+    assert layer.router.weight_ED.dtype == torch.bfloat16
+    assert layer.router.expert_bias_E.dtype == layer.router.step_load_E.dtype == torch.float32
+    layer.router.expert_bias_E.fill_(0.5)
+    layer.router.step_load_E.copy_(torch.tensor([257.0, 0.0, 0.0, 0.0]))
+    layer.update_expert_bias()
+    assert layer.router.expert_bias_E.tolist()[1] == pytest.approx(0.501)

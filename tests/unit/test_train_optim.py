@@ -119,3 +119,16 @@ def test_step_stats_aggregate_micro_batches():
         (expected_counts / expected_counts.sum()).tolist()
     )
     assert bits_per_token(math.log(2) * 3) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    "cfg,total",
+    [
+        (OptimConfig(schedule="wsd", warmup_steps=2, min_lr_ratio=0.0, decay_fraction=0.05), 10),
+        (OptimConfig(schedule="cosine", warmup_steps=9, min_lr_ratio=0.2), 10),
+        (OptimConfig(schedule="cosine", warmup_steps=0, min_lr_ratio=0.2), 1),
+    ],
+    ids=["wsd_decay_one_step", "cosine_warmup_to_last", "single_step"],
+)
+def test_last_step_reaches_the_floor(cfg, total):
+    assert lr_multiplier(total - 1, total, cfg) == pytest.approx(cfg.min_lr_ratio)
