@@ -34,7 +34,8 @@ from moetrain.moe.shared_experts import SharedExperts
 @dataclass
 class MoEStats:
     """One call's statistics. ``tokens_per_expert_E`` counts assignments before dropping;
-    ``drops_by_position_S`` is None for flat ``[T, D]`` input; ``capacity`` None when dropless."""
+    ``drops_by_position_S`` is None for flat ``[T, D]`` input; ``capacity`` None when dropless;
+    ``router_entropy`` is the mean per-token entropy of the router probabilities."""
 
     aux_loss: Tensor
     z_loss: Tensor
@@ -43,6 +44,15 @@ class MoEStats:
     num_assignments: int
     capacity: int | None
     drops_by_position_S: Tensor | None
+    router_entropy: Tensor  # mean over tokens of -sum_e p log p (nats); 0 without learned scores
+
+
+def router_entropy(probs_TE: Tensor | None) -> Tensor:
+    """Mean per-token entropy of the router distribution (nats), detached; ln(E) is uniform."""
+    if probs_TE is None:
+        return torch.zeros(())
+    p = probs_TE.detach()
+    return -(p * p.clamp(min=1e-20).log()).sum(-1).mean()
 
 
 class MoELayer(nn.Module):
@@ -168,6 +178,7 @@ class MoELayer(nn.Module):
             num_assignments=ids.numel(),
             capacity=capacity,
             drops_by_position_S=by_pos,
+            router_entropy=router_entropy(routed.probs_TE),
         )
 
     @torch.no_grad()

@@ -2,8 +2,11 @@
 
 Every logged step is one JSON object in ``<run.dir>/metrics.jsonl`` with at least ``step``,
 ``loss`` (language-model cross-entropy only), ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu``,
-``aux_loss``, ``z_loss``, ``dropped_frac`` and ``expert_load`` (per MoE layer, each expert's
-share of the step's assignments). Evaluation rows carry ``val_loss`` and ``val_bpt`` instead.
+``aux_loss``, ``z_loss``, ``dropped_frac``, ``expert_load`` (per MoE layer, each expert's
+share of the step's assignments), ``dead_experts`` (per MoE layer, experts that got no
+assignment in the step), ``router_entropy`` (nats, mean over tokens, layers and micro-batches)
+and, with capacity dropping, ``dropped_frac_by_position`` (8 equal spans of the sequence).
+Evaluation rows carry ``val_loss`` and ``val_bpt`` instead.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class StepStats:
     dropped: int = 0
     assignments: int = 0
     load: list[torch.Tensor] = field(default_factory=list)
+    entropy: float = 0.0
+    entropy_terms: int = 0
+    drops_by_position: torch.Tensor | None = None  # summed over layers and micro-batches
+    assignments_per_position: int = 0
 
     def add_micro_batch(self, loss: torch.Tensor, moe_layers: list[MoELayer]) -> None:
         self.loss_sum += loss.item()  # host sync: once per micro-batch
@@ -58,6 +65,13 @@ class StepStats:
             self.z_loss += s.z_loss.item()
             self.dropped += int(s.num_dropped)
             self.assignments += s.num_assignments
+            self.entropy += s.router_entropy.item()
+            self.entropy_terms += 1
+            if s.drops_by_position_S is not None:
+                drops = s.drops_by_position_S.detach().cpu()
+                prev = self.drops_by_position
+                self.drops_by_position = drops if prev is None else prev + drops
+                self.assignments_per_position += s.num_assignments // drops.numel()
             counts = s.tokens_per_expert_E.detach().float().cpu()
             if len(self.load) <= i:
                 self.load.append(counts)
@@ -72,6 +86,20 @@ class StepStats:
             "z_loss": self.z_loss / n,
             "dropped_frac": self.dropped / self.assignments if self.assignments else 0.0,
             "expert_load": [(c / c.sum().clamp(min=1)).tolist() for c in self.load],
+            "dead_experts": [int((c == 0).sum()) for c in self.load],
+            "router_entropy": self.entropy / self.entropy_terms if self.entropy_terms else 0.0,
+            **self._drops_by_position(),
+        }
+
+    def _drops_by_position(self, buckets: int = 8) -> dict:
+        """Dropped fraction of assignments in ``buckets`` equal spans of sequence positions
+        (OpenMoE's drop-towards-the-end), only when capacity dropping is on."""
+        drops, per_position = self.drops_by_position, self.assignments_per_position
+        if drops is None or per_position == 0:
+            return {}
+        spans = torch.tensor_split(drops.float(), min(buckets, drops.numel()))
+        return {
+            "dropped_frac_by_position": [float(s.sum()) / (per_position * len(s)) for s in spans]
         }
 
 

@@ -47,6 +47,9 @@ class Tracker:
         if self.run is None:
             return
         flat = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        for key in ("dead_experts", "dropped_frac_by_position"):
+            for i, value in enumerate(row.get(key, [])):
+                flat[f"{key}/{i}"] = value
         for i, shares in enumerate(row.get("expert_load", [])):
             for e, share in enumerate(shares):
                 flat[f"expert_load/layer{i}/expert{e}"] = share

@@ -66,6 +66,8 @@ def test_cli_trains_and_writes_metrics_and_heatmap(tmp_path):
         "z_loss",
         "dropped_frac",
         "expert_load",
+        "dead_experts",
+        "router_entropy",
     }
     assert keys <= set(train_rows[0])
     assert len(train_rows[0]["expert_load"]) == 3  # tiny: 4 layers, the first dense

@@ -132,3 +132,36 @@ def test_step_stats_aggregate_micro_batches():
 )
 def test_last_step_reaches_the_floor(cfg, total):
     assert lr_multiplier(total - 1, total, cfg) == pytest.approx(cfg.min_lr_ratio)
+
+
+def test_router_entropy_of_uniform_and_one_hot():
+    from moetrain.moe.layer import router_entropy
+
+    assert router_entropy(torch.full((3, 8), 1 / 8)).item() == pytest.approx(math.log(8))
+    assert router_entropy(torch.eye(4)).item() == pytest.approx(0.0, abs=1e-6)
+    assert router_entropy(None).item() == 0.0
+
+
+def test_step_stats_observability():
+    model = tiny_model(capacity_factor=0.5)
+    layer = model.moe_layers()[0]
+    stats = StepStats()
+    drops = torch.zeros(8)
+    tokens = torch.randint(0, 64, (2, 8))
+    for _ in range(2):
+        model(tokens)
+        drops += layer.last_stats.drops_by_position_S.float()
+        stats.add_micro_batch(torch.tensor(1.0), model.moe_layers())
+    row = stats.as_dict()
+    # 8 positions in 8 buckets; each position sees B*K = 4 assignments per call, 2 calls
+    want = (drops / (2 * 2 * 2)).tolist()
+    assert row["dropped_frac_by_position"] == pytest.approx(want)
+    assert sum(want) / 8 == pytest.approx(row["dropped_frac"])
+    load = stats.load[0]
+    assert row["dead_experts"] == [int((load == 0).sum())]
+    assert 0 < row["router_entropy"] <= math.log(4) + 1e-6
+    dropless = StepStats()
+    tiny = tiny_model()
+    tiny(tokens)
+    dropless.add_micro_batch(torch.tensor(1.0), tiny.moe_layers())
+    assert "dropped_frac_by_position" not in dropless.as_dict()
