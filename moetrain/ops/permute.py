@@ -108,7 +108,8 @@ def _unpermute_backward(ctx, grad_out):
     acc = _acc_dtype(rows.dtype)
     grad_rows = grad_weight = None
     if needs_weight:
-        grad_weight = (gathered.to(acc) * rows.to(acc)).sum(-1).to(row_weight.dtype)
+        # row-wise dot products without an [R, D] temporary (einsum runs them as one bmm)
+        grad_weight = torch.einsum("rd,rd->r", gathered.to(acc), rows.to(acc)).to(row_weight.dtype)
     if needs_rows:
         grad_rows = gathered
         if row_weight is not None:
