@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Launch moetrain.train with torchrun on this node; extra arguments are Hydra overrides.
+#
+#   launch/torchrun.sh parallel.ep=2                     # one node, NPROC_PER_NODE processes
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 launch/torchrun.sh parallel.tp=2 parallel.ep=2
+#
+# Environment: NNODES (1), NPROC_PER_NODE (the GPU count, else 1), NODE_RANK (0), MASTER_ADDR
+# (127.0.0.1), MASTER_PORT (29500), RUN_ID (multi-node rendezvous id, shared by every node of a
+# job; torchrun exports it and the run directory defaults to runs/<RUN_ID>), DRY_RUN=1 prints
+# the command instead of running it.
+set -euo pipefail
+
+NNODES=${NNODES:-1}
+if [[ -z ${NPROC_PER_NODE:-} ]]; then
+  NPROC_PER_NODE=$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 1))' 2>/dev/null || echo 1)
+fi
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+RUN_ID=${RUN_ID:-moetrain-$(date +%Y%m%d-%H%M%S)}
+
+if [[ $NNODES == 1 ]]; then
+  cmd=(torchrun --standalone --nproc-per-node "$NPROC_PER_NODE")
+else
+  cmd=(torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE"
+       --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RUN_ID")
+fi
+cmd+=(-m moetrain.train "$@")
+
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+  printf '%q ' "${cmd[@]}"
+  echo
+  exit 0
+fi
+exec "${cmd[@]}"

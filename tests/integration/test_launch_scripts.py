@@ -1,0 +1,98 @@
+"""The launch scripts print the command they would run (DRY_RUN=1), under a fake SLURM too."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+LAUNCH = Path(__file__).resolve().parents[2] / "launch"
+
+
+def dry_run(script: str, *args: str, **env: str) -> list[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    full_env.update(DRY_RUN="1", **env)
+    out = subprocess.run(
+        ["bash", str(LAUNCH / script), *args],
+        env=full_env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return shlex.split(out)
+
+
+def test_single_node():
+    cmd = dry_run("torchrun.sh", "parallel.ep=2", "train.steps=3", NPROC_PER_NODE="4")
+    assert cmd == [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "moetrain.train",
+        "parallel.ep=2",
+        "train.steps=3",
+    ]
+
+
+def test_multi_node_from_environment():
+    cmd = dry_run(
+        "torchrun.sh",
+        "parallel.tp=2",
+        NNODES="2",
+        NODE_RANK="1",
+        MASTER_ADDR="10.1.2.3",
+        MASTER_PORT="29600",
+        NPROC_PER_NODE="8",
+        RUN_ID="job7",
+    )
+    assert cmd[: cmd.index("-m")] == [
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--nproc-per-node",
+        "8",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "10.1.2.3:29600",
+        "--rdzv-id",
+        "job7",
+    ]
+    assert cmd[cmd.index("-m") :] == ["-m", "moetrain.train", "parallel.tp=2"]
+
+
+def test_slurm_under_a_fake_allocation(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    scontrol = fake / "scontrol"
+    scontrol.write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[3-4]" ] || exit 9\necho gpu3\necho gpu4\n'
+    )
+    scontrol.chmod(0o755)
+    cmd = dry_run(
+        "slurm.sbatch",
+        "parallel.ep=8",
+        PATH=f"{fake}:{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="gpu[3-4]",
+        SLURM_NNODES="2",
+        SLURM_JOB_ID="99",
+    )
+    assert cmd[:6] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
+    assert {"NNODES=2", "MASTER_ADDR=gpu3", "RUN_ID=slurm-99"} <= set(cmd)
+    assert cmd[-2:] == [str(LAUNCH / "torchrun.sh"), "parallel.ep=8"]
+    # each node's task gets its rank from SLURM_NODEID
+    assert any("NODE_RANK=$SLURM_NODEID" in part for part in cmd)
+
+
+def test_slurm_outside_an_allocation_says_so():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / "slurm.sbatch")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0 and "run under SLURM" in proc.stderr
