@@ -16,8 +16,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from moetrain.config.validate import parallel_dims
 from moetrain.models import Transformer
-from moetrain.parallel import ParallelDims
 from moetrain.parallel.plan import describe_plan
 from moetrain.train.cli import compose_config
 
@@ -30,16 +30,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         cfg = OmegaConf.to_object(compose_config(args.overrides))
-        p, m = cfg.parallel, cfg.model  # type: ignore[attr-defined]
-        dims = ParallelDims(
-            world_size=args.world_size,
-            pp=p.pp,
-            dp_replicate=p.dp_replicate,
-            dp_shard=p.dp_shard,
-            tp=p.tp,
-            ep=p.ep,
-            etp=p.etp,
-        )
+        m = cfg.model  # type: ignore[attr-defined]
+        dims = parallel_dims(cfg, args.world_size)  # type: ignore[arg-type]
         experts = m.moe.num_experts if m.num_moe_layers else None
         dims.validate_model(m, args.virtual_stages)
     except (ValueError, OmegaConfBaseException, HydraException) as err:  # LayoutError included

@@ -22,11 +22,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def parallel_dims(cfg: Config) -> ParallelDims:
-    """The launch's layout (raises ``LayoutError`` naming the setting when inconsistent)."""
+def parallel_dims(cfg: Config, world: int | None = None) -> ParallelDims:
+    """The layout of ``cfg.parallel`` on ``world`` ranks (default: this launch's), raising
+    ``LayoutError`` naming the setting when inconsistent."""
     p = cfg.parallel
     return ParallelDims(
-        world_size=world_size(),
+        world_size=world_size() if world is None else world,
         pp=p.pp,
         dp_replicate=p.dp_replicate,
         dp_shard=p.dp_shard,
