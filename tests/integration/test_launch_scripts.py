@@ -96,3 +96,25 @@ def test_slurm_outside_an_allocation_says_so():
         ["bash", str(LAUNCH / "slurm.sbatch")], env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode != 0 and "run under SLURM" in proc.stderr
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    tool = LAUNCH.parent / "tools" / "plan_parallel.py"
+    return subprocess.run(
+        ["python", str(tool), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_plan_parallel_dry_run():
+    proc = run_plan("--world-size", "4", "parallel.tp=2", "parallel.ep=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "dp_shard 2 x tp 2; experts: ep 2, etp 1, edp 2" in proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[0].isdigit()]
+    assert [r[9] for r in rows] == ["0-3", "4-7", "0-3", "4-7"]  # experts by EP rank
+    bad = run_plan("--world-size", "4", "parallel.ep=3")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("plan_parallel: error: parallel.ep: 3 does not divide")
