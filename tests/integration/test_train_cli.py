@@ -79,6 +79,7 @@ def test_cli_trains_and_writes_metrics_and_heatmap(tmp_path):
     assert meta["python"] and meta["data"]
     assert any((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
     assert "ops backend" in proc.stdout
+    assert not list(tmp_path.glob("*.log")), "the CLI must not litter the working directory"
 
 
 @pytest.mark.timeout(240)
