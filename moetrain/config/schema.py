@@ -60,6 +60,9 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     etp: int = 1
+    pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b
+    pp_virtual_stages: int = 1  # stages per pp rank (interleaved_1f1b: >= 2)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
 
 @dataclass

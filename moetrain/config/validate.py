@@ -97,8 +97,9 @@ def _validate_optim(cfg: Config) -> None:
         _fail("optim.lr", f"must be > 0, got {o.lr}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         _fail("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
-    if o.warmup_steps < 0 or o.warmup_steps >= cfg.train.steps:
-        _fail("optim.warmup_steps", f"must be in [0, train.steps), got {o.warmup_steps}")
+    if o.warmup_steps < 0:
+        # warmup_steps >= train.steps is allowed (short smoke runs): the lr ramps all run long
+        _fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     if not 0 <= o.min_lr_ratio <= 1:
         _fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     if not 0 < o.decay_fraction <= 1:
@@ -108,17 +109,45 @@ def _validate_optim(cfg: Config) -> None:
 
 
 def _validate_parallel(cfg: Config) -> ParallelDims:
+    p, m = cfg.parallel, cfg.model
     dims = parallel_dims(cfg)
-    dims.validate_model(cfg.model)
-    if dims.world_size != 1:
-        p = cfg.parallel
+    if p.pp_virtual_stages < 1:
+        _fail("parallel.pp_virtual_stages", f"must be >= 1, got {p.pp_virtual_stages}")
+    dims.validate_model(m, p.pp_virtual_stages)
+    if m.tie_embeddings and (dims.tp > 1 or dims.pp > 1):
         _fail(
-            "parallel",
-            f"this version trains in one process (world size {dims.world_size}, layout "
-            f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} pp={p.pp} "
-            f"ep={p.ep} etp={p.etp}); parallel layouts come with the distributed engine — "
-            "launch without torchrun and leave parallel.* at their defaults",
+            "model.tie_embeddings",
+            "tied embedding/output weights are not supported with parallel.tp > 1 or "
+            "parallel.pp > 1 (they live on different stages / shard differently); untie them",
         )
+    if dims.tp > 1 and m.qk_norm == "full":
+        _fail(
+            "model.qk_norm",
+            "'full' (one norm over all heads) does not split over tensor-parallel ranks; use "
+            "parallel.tp=1 or qk_norm=head",
+        )
+    if dims.pp > 1 and m.num_moe_layers and m.moe.router_type == "hash":
+        _fail(
+            "model.moe.router_type",
+            "'hash' routes by token id, which later pipeline stages do not receive; use a "
+            "learned router with parallel.pp > 1",
+        )
+    if cfg.train.seq_len % dims.tp:
+        _fail(
+            "train.seq_len",
+            f"{cfg.train.seq_len} is not divisible by parallel.tp={dims.tp} (sequence "
+            "parallelism splits each sequence over the tensor-parallel ranks)",
+        )
+    per_step = cfg.train.micro_batch_size * dims.dp
+    if dims.pp > 1 and per_step > 0 and cfg.train.global_batch_size % per_step == 0:
+        from moetrain.parallel.pipeline import schedule_error
+
+        n_micro = cfg.train.global_batch_size // per_step
+        why = schedule_error(p.pp_schedule, dims.pp, p.pp_virtual_stages, n_micro)
+        if why is not None:
+            raise ConfigError(why)
+    elif p.pp_virtual_stages != 1:
+        _fail("parallel.pp_virtual_stages", "applies to pipeline layouts only (parallel.pp > 1)")
     return dims
 
 

@@ -7,7 +7,9 @@ Legend: B sequences, S sequence length, D model dim, d head dim.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moetrain.models.attention import Attention
 from moetrain.models.config import ModelConfig
@@ -24,6 +26,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, moe_idx: int | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
+        # recompute this block's activations in backward (non-reentrant torch checkpoint);
+        # set by moetrain.parallel.parallelize from parallel.activation_checkpointing
+        self.activation_checkpointing = False
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -47,6 +52,13 @@ class TransformerBlock(nn.Module):
         self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, tokens_BS: Tensor | None = None
     ) -> Tensor:
         """``tokens_BS`` (the input token ids) reach the MoE router (``router_type='hash'``)."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_BSD, cos_Sd, sin_Sd, tokens_BS, use_reentrant=False)
+        return self._forward(x_BSD, cos_Sd, sin_Sd, tokens_BS)
+
+    def _forward(
+        self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, tokens_BS: Tensor | None
+    ) -> Tensor:
         h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos_Sd, sin_Sd)
         normed_BSD = self.ffn_norm(h_BSD)
         if isinstance(self.feed_forward, MoELayer):

@@ -17,8 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from moetrain.moe.config import MoEConfig
+
+
+def _local(w: Tensor | None) -> Tensor | None:
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 def expert_mlp(x_ND: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor) -> Tensor:
@@ -54,14 +59,22 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(self.w3_EFD, std=std)
         nn.init.normal_(self.w2_EDF, std=std if out_std is None else out_std)
 
+    def local_weights(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(w1, w3, w2) as plain tensors: this rank's experts (and F slice) when the weights are
+        DTensors sharded by expert / tensor parallelism; gradients flow back to the shards."""
+        return _local(self.w1_EFD), _local(self.w3_EFD), _local(self.w2_EDF)  # type: ignore[return-value]
+
     def forward(self, rows_RD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        w1, w3, w2 = self.local_weights()
         counts = tokens_per_expert_E.tolist()
+        if len(counts) != w1.shape[0]:
+            raise ValueError(f"got row counts for {len(counts)} experts, hold {w1.shape[0]}")
         if len(set(counts)) == 1:  # fixed shapes (padded to capacity, or perfectly even)
-            x_ECD = rows_RD.view(self.num_experts, counts[0], rows_RD.shape[-1])
-            return expert_mlp(x_ECD, self.w1_EFD, self.w3_EFD, self.w2_EDF).flatten(0, 1)
+            x_ECD = rows_RD.view(w1.shape[0], counts[0], rows_RD.shape[-1])
+            return expert_mlp(x_ECD, w1, w3, w2).flatten(0, 1)
         xs = rows_RD.split(counts)
-        w1s = self.w1_EFD.unbind(0)
-        w3s = self.w3_EFD.unbind(0) if self.w3_EFD is not None else [None] * self.num_experts
-        w2s = self.w2_EDF.unbind(0)
+        w1s = w1.unbind(0)
+        w3s = w3.unbind(0) if w3 is not None else [None] * w1.shape[0]
+        w2s = w2.unbind(0)
         outs = [expert_mlp(*args) for args in zip(xs, w1s, w3s, w2s)]
         return torch.cat(outs)

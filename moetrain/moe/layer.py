@@ -12,6 +12,7 @@ them when you log, which is when the host syncs).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,33 @@ def router_entropy(probs_TE: Tensor | None) -> Tensor:
     return -(p * p.clamp(min=1e-20).log()).sum(-1).mean()
 
 
+class SequenceParallel(Protocol):
+    """How a tensor-parallel layout feeds the layer (``moetrain.parallel.tp`` implements it).
+
+    The layer routes the *whole* micro-batch on every tensor-parallel rank (so routing, aux
+    losses and capacity equal the single-process layer's), then either dispatches only this
+    rank's sequence chunk (``split_tokens``, experts not tensor-parallel) or all tokens with
+    experts split on F (partial outputs, summed by ``scatter``).
+    """
+
+    split_tokens: bool
+    aux_grad_scale: float  # each TP rank backpropagates the full aux loss; grads are summed
+
+    def gather(self, x: Tensor) -> Tensor: ...  # local sequence chunk -> whole micro-batch
+
+    def local_tokens(self, batch: int, seq_len: int, device: torch.device) -> Tensor: ...
+
+    def local_chunk(self, x_BSD: Tensor) -> Tensor: ...  # whole micro-batch -> this rank's chunk
+
+    def scatter(self, y_BSD: Tensor) -> Tensor: ...  # routed output -> this rank's chunk
+
+
+def recomputing() -> bool:
+    """True while autograd runs a forward again inside backward (activation checkpointing):
+    statistics and balancing loads are recorded by the original forward only."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class MoELayer(nn.Module):
     """A Mixture-of-Experts feed-forward layer.
 
@@ -66,7 +94,12 @@ class MoELayer(nn.Module):
     Attributes set from outside: ``dispatcher`` (expert-parallel dispatchers replace the local
     one), ``reduce_global_counts`` (sums expert counts over data-parallel ranks for the global
     aux-loss scope; None = this process only), ``aux_loss_scale`` (gradient scale of the aux
-    losses, e.g. 1/number of accumulation micro-batches).
+    losses, e.g. 1/number of accumulation micro-batches), ``sequence_parallel`` (tensor
+    parallelism, see :class:`SequenceParallel`).
+
+    When ``stats_log`` is a list (the trainer sets one and drains it once per step), every
+    training call also appends its statistics to it; a recomputation under activation
+    checkpointing appends nothing.
     """
 
     def __init__(self, cfg: MoEConfig, layer_idx: int | None = None) -> None:
@@ -81,7 +114,9 @@ class MoELayer(nn.Module):
         self.dispatcher = TokenDispatcher(cfg.num_experts)
         self.reduce_global_counts: CountReduce | None = None
         self.aux_loss_scale = 1.0
+        self.sequence_parallel: SequenceParallel | None = None
         self.last_stats: MoEStats | None = None
+        self.stats_log: list[MoEStats] | None = None  # a list: collect every training call
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
@@ -103,10 +138,16 @@ class MoELayer(nn.Module):
                 f"MoELayer got {x.dtype} input but its weights are {weight_dtype}: cast the "
                 "layer (layer.to(dtype)) or run under torch.autocast"
             )
+        sp = self.sequence_parallel
+        if sp is not None:
+            if x.dim() != 3:
+                raise ValueError("tensor-parallel MoE layers take [B, S, D] input")
+            x = sp.gather(x)
         seq_len = x.shape[-2] if x.dim() == 3 else None
         x_TD = x.reshape(-1, cfg.dim)
         routed = self.router(x_TD, token_ids)
-        if self.training and isinstance(self.router, Router):
+        record = self.training and not recomputing()
+        if record and isinstance(self.router, Router):
             self.router.record_load(routed.topk_ids_TK)
         keep_TK, capacity = self._apply_capacity(routed)
         lb_loss, zl = self._aux_losses(routed, seq_len)
@@ -116,13 +157,33 @@ class MoELayer(nn.Module):
             keep_TK,
             capacity if cfg.pad_to_capacity else None,
         )
-        rows_RD, tokens_per_expert = self.dispatcher.dispatch(x_TD, routing)
-        y_TD = self.dispatcher.combine(self.experts(rows_RD, tokens_per_expert))
+        out_shape = x.shape
+        x_local_TD = x_TD
+        if sp is not None and sp.split_tokens:
+            # experts not tensor-parallel: this rank dispatches its sequence chunk only
+            idx = sp.local_tokens(x.shape[0], x.shape[1], x.device)
+            x_local_TD = x_TD[idx]
+            routing = Routing(
+                routing.topk_ids_TK[idx],
+                routing.topk_weights_TK[idx],
+                None if keep_TK is None else keep_TK[idx],
+                routing.pad_to_capacity,
+            )
+            out_shape = torch.Size((x.shape[0], idx.numel() // x.shape[0], cfg.dim))
+        rows_RD, tokens_per_expert = self.dispatcher.dispatch(x_local_TD, routing)
+        y = self.dispatcher.combine(self.experts(rows_RD, tokens_per_expert)).view(out_shape)
+        if sp is not None:
+            y = sp.scatter(y)  # partial sums over F (expert TP) -> this rank's sequence chunk
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
-        y_TD = attach_aux_loss(y_TD, lb_loss + zl, self.aux_loss_scale)
-        self._record_stats(routed, keep_TK, capacity, lb_loss, zl, seq_len)
-        return y_TD.view(x.shape)
+            shared_in = x if sp is None else sp.local_chunk(x)
+            y = y + self.shared_experts(shared_in.reshape(-1, cfg.dim)).view(y.shape)
+        scale = self.aux_loss_scale * (sp.aux_grad_scale if sp is not None else 1.0)
+        y = attach_aux_loss(y, lb_loss + zl, scale)
+        if record or not self.training:
+            self._record_stats(routed, keep_TK, capacity, lb_loss, zl, seq_len)
+            if record and self.stats_log is not None and self.last_stats is not None:
+                self.stats_log.append(self.last_stats)
+        return y if sp is not None else y.view(x.shape)
 
     def _apply_capacity(self, routed: RouterOutput) -> tuple[Tensor | None, int | None]:
         cfg = self.cfg

@@ -4,6 +4,8 @@ test uses. A hang fails fast: the processes are killed at ``timeout`` seconds.""
 from __future__ import annotations
 
 import os
+import pickle
+import queue
 import socket
 import traceback
 from collections.abc import Callable
@@ -41,7 +43,9 @@ def _worker(
         dist.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
         )
-        results.put((rank, "ok", fn(rank, world_size, *args)))
+        # pickled by value: tensors put on a multiprocessing queue would travel as shared-memory
+        # handles that die with this process
+        results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # report everything, including assertion failures, to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -73,7 +77,7 @@ def run_distributed(
         for _ in range(world_size):
             rank, status, value = results.get(timeout=timeout)
             outcomes[rank] = (status, value)
-    except Exception as err:  # queue.Empty: some rank neither returned nor failed in time
+    except queue.Empty as err:  # some rank neither returned nor failed in time
         missing = sorted(set(range(world_size)) - set(outcomes))
         raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f}s") from err
     finally:
@@ -84,4 +88,4 @@ def run_distributed(
     errors = {r: v for r, (s, v) in outcomes.items() if s == "error"}
     if errors:
         raise RuntimeError("\n".join(f"--- rank {r}:\n{tb}" for r, tb in sorted(errors.items())))
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]

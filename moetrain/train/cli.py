@@ -59,18 +59,22 @@ def setup(dict_cfg: DictConfig) -> tuple[Config, Path, Trainer]:
     run_dir = resolve_run_dir(cfg)
     cfg.run.dir = str(run_dir)
     trainer = Trainer(cfg, run_dir)
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    if trainer.ctx.is_logging_rank:
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     return cfg, run_dir, trainer
 
 
 def describe(cfg: Config, run_dir: Path, trainer: Trainer) -> str:
     from moetrain.ops import active_backend
 
-    model = trainer.model
+    d = trainer.ctx.dims
     return (
         f"moetrain: run dir {run_dir}\n"
-        f"  model {model.num_params() / 1e6:.2f}M params ({model.num_active_params() / 1e6:.2f}M "
-        f"active), {len(trainer.moe_layers)} MoE layers; ops backend: {active_backend()}\n"
+        f"  model {trainer.num_params / 1e6:.2f}M params ({trainer.num_active_params / 1e6:.2f}M "
+        f"active), {trainer.num_moe_layers} MoE layers; ops backend: {active_backend()}\n"
+        f"  layout: world {d.world_size} = pp {d.pp} x dp_replicate {d.dp_replicate} x dp_shard "
+        f"{d.dp_shard} x tp {d.tp}; ep {d.ep}, etp {d.etp}, edp {d.edp}; "
+        f"backend {trainer.ctx.backend}\n"
         f"  data {data_summary(trainer.data_meta)}\n"
         f"  {cfg.train.steps} steps x {cfg.train.global_batch_size} seqs x {cfg.train.seq_len} "
         f"tokens; peak {trainer.peak_flops / 1e9:.1f} GFLOP/s ({trainer.peak_source})"
@@ -93,11 +97,15 @@ def _main(dict_cfg: DictConfig) -> None:
     try:
         cfg, run_dir, trainer = setup(dict_cfg)
     except (ValueError, FileNotFoundError, OmegaConfBaseException) as err:
-        print(f"moetrain-train: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one message per launch, not one per rank
+            print(f"moetrain-train: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(describe(cfg, run_dir, trainer), flush=True)
+    logging_rank = trainer.ctx.is_logging_rank
+    if logging_rank:
+        print(describe(cfg, run_dir, trainer), flush=True)
     result = trainer.run()
-    if result.val_losses:
+    trainer.close()
+    if logging_rank and result.val_losses:
         first, last = result.val_losses[0][1], result.val_losses[-1][1]
         print(
             f"moetrain: done; val loss {first:.4f} -> {last:.4f} "

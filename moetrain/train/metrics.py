@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from moetrain.moe import MoELayer
+from moetrain.moe.layer import MoEStats
 
 # bf16 dense peak per GPU, FLOP/s (vendor figures, no sparsity)
 KNOWN_GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -55,28 +57,76 @@ class StepStats:
     assignments_per_position: int = 0
 
     def add_micro_batch(self, loss: torch.Tensor, moe_layers: list[MoELayer]) -> None:
-        self.loss_sum += loss.item()  # host sync: once per micro-batch
-        self.micro_batches += 1
+        """One micro-batch's loss and each layer's ``last_stats`` (layer ``i`` of the list)."""
+        self.add_losses(float(loss.item()), 1)  # host sync: once per micro-batch
         for i, layer in enumerate(moe_layers):
-            s = layer.last_stats
-            if s is None:
-                continue
-            self.aux_loss += s.aux_loss.item()
-            self.z_loss += s.z_loss.item()
-            self.dropped += int(s.num_dropped)
-            self.assignments += s.num_assignments
-            self.entropy += s.router_entropy.item()
-            self.entropy_terms += 1
-            if s.drops_by_position_S is not None:
-                drops = s.drops_by_position_S.detach().cpu()
-                prev = self.drops_by_position
-                self.drops_by_position = drops if prev is None else prev + drops
-                self.assignments_per_position += s.num_assignments // drops.numel()
-            counts = s.tokens_per_expert_E.detach().float().cpu()
-            if len(self.load) <= i:
-                self.load.append(counts)
-            else:
-                self.load[i] += counts
+            if layer.last_stats is not None:
+                self.add_layer_stats(i, layer.last_stats)
+
+    def add_losses(self, loss_sum: float, micro_batches: int) -> None:
+        self.loss_sum += loss_sum
+        self.micro_batches += micro_batches
+
+    def add_layer_stats(self, index: int, s: MoEStats) -> None:
+        """One call of MoE layer ``index`` (its index among the model's MoE layers)."""
+        self.aux_loss += s.aux_loss.item()
+        self.z_loss += s.z_loss.item()
+        self.dropped += int(s.num_dropped)
+        self.assignments += s.num_assignments
+        self.entropy += s.router_entropy.item()
+        self.entropy_terms += 1
+        if s.drops_by_position_S is not None:
+            drops = s.drops_by_position_S.detach().cpu()
+            prev = self.drops_by_position
+            self.drops_by_position = drops if prev is None else prev + drops
+            self.assignments_per_position += s.num_assignments // drops.numel()
+        counts = s.tokens_per_expert_E.detach().float().cpu()
+        while len(self.load) <= index:
+            self.load.append(torch.zeros_like(counts))
+        self.load[index] = self.load[index] + counts
+
+    _SCALARS = (
+        "loss_sum",
+        "micro_batches",
+        "aux_loss",
+        "z_loss",
+        "dropped",
+        "assignments",
+        "entropy",
+        "entropy_terms",
+        "assignments_per_position",
+    )
+
+    def reduced(
+        self,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+        num_layers: int,
+        num_experts: int,
+        seq_len: int,
+    ) -> StepStats:
+        """The step's statistics summed over ranks by ``reduce`` (an in-place all-reduce of one
+        float64 vector): every count and sum is additive, so the result is the single-process
+        step's. Layers this rank does not hold contribute zeros."""
+        head = [float(getattr(self, k)) for k in self._SCALARS]
+        has_drops = self.drops_by_position is not None
+        load = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        for i, counts in enumerate(self.load):
+            load[i] = counts.double()
+        drops = torch.zeros(seq_len, dtype=torch.float64)
+        if self.drops_by_position is not None:
+            drops[: self.drops_by_position.numel()] = self.drops_by_position.double()
+        vec = torch.cat(
+            [torch.tensor([*head, float(has_drops)], dtype=torch.float64), load.flatten(), drops]
+        )
+        vec = reduce(vec)
+        out = StepStats()
+        for k, v in zip(self._SCALARS, vec[: len(head)].tolist()):
+            setattr(out, k, round(v) if isinstance(getattr(self, k), int) else v)
+        n = len(head) + 1
+        out.load = list(vec[n : n + load.numel()].view(num_layers, num_experts).float())
+        if vec[len(head)] > 0:
+            out.drops_by_position = vec[n + load.numel() :].long()
+        return out
 
     def as_dict(self) -> dict:
         n = max(self.micro_batches, 1)

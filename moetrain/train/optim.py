@@ -11,36 +11,48 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moetrain.config.schema import OptimConfig
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.router import Router
 
 
+def _mesh_key(p: nn.Parameter) -> str:
+    """Plain tensors and DTensors on different meshes go to different groups: foreach kernels
+    take one kind at a time."""
+    if not isinstance(p, DTensor):
+        return ""
+    mesh = p.device_mesh
+    return f"{'x'.join(mesh.mesh_dim_names or ())}{mesh.mesh.flatten().tolist()}"
+
+
 def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Up to four groups: (decay or not) x (routed expert or not), empty groups left out."""
+    """Groups by (decay or not) x (routed expert or not) x (device mesh, for sharded
+    parameters), empty groups left out."""
     expert_params = {
         id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
     }
     router_params = {
         id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()
     }
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, bool, str], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights are listed once
             continue
         seen.add(id(p))
         decay = p.dim() >= 2 and id(p) not in router_params
-        groups.setdefault((decay, id(p) in expert_params), []).append(p)
+        groups.setdefault((decay, id(p) in expert_params, _mesh_key(p)), []).append(p)
     out = []
-    for (decay, expert), params in sorted(groups.items()):
+    for (decay, expert, mesh), params in sorted(groups.items()):
         out.append(
             {
                 "params": params,
                 "weight_decay": cfg.weight_decay if decay else 0.0,
                 "lr": cfg.lr * (cfg.expert_lr_multiplier if expert else 1.0),
-                "name": f"{'decay' if decay else 'no_decay'}{'_experts' if expert else ''}",
+                "name": f"{'decay' if decay else 'no_decay'}{'_experts' if expert else ''}"
+                + (f"@{mesh}" if mesh else ""),
             }
         )
     return out

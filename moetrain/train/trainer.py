@@ -1,9 +1,12 @@
 """The training loop: build everything from the config, then step, log, evaluate.
 
-Per optimizer step the (single, in this version) data-parallel rank runs
-``global_batch_size / micro_batch_size`` micro-batches one after another (gradient
-accumulation); the LM loss of each is divided by that count, and so is the aux-loss gradient
-(``MoELayer.aux_loss_scale``).
+Per optimizer step each data-parallel rank runs its ``global / (micro x dp)`` micro-batches —
+one after another (gradient accumulation), or as the pipeline's micro-batches with PP. Every
+micro-batch's LM loss is scaled by 1 / (micro-batches in the global batch), and so is its
+aux-loss gradient (``MoELayer.aux_loss_scale``); data-parallel gradient reductions sum. The
+result is the single-process step over the same micro-batches (the correctness contract,
+docs/parallelism.md). Rank 0 logs; statistics are summed over stages and data-parallel ranks
+first.
 """
 
 from __future__ import annotations
@@ -22,8 +25,14 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from moetrain.config.schema import Config
+from moetrain.config.validate import parallel_dims
 from moetrain.data import BatchIterator, ShuffledSampler, build_datasets, build_tokenizer
 from moetrain.models import Transformer
+from moetrain.parallel.context import ParallelContext, close_parallel, init_parallel
+from moetrain.parallel.grads import clip_grad_norm, finish_partial_grads
+from moetrain.parallel.parallelize import parallelize
+from moetrain.parallel.pipeline import build_schedule, pipeline_forward
+from moetrain.parallel.tp import sync_tp_partial_grads
 from moetrain.train.lr import build_scheduler
 from moetrain.train.metrics import (
     MetricsWriter,
@@ -44,9 +53,14 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    """``Trainer(cfg, run_dir)`` builds data, model, optimizer and schedule for this process's
+    place in the launch (``ctx``; by default joined from the torchrun environment)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, ctx: ParallelContext | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
-        t = cfg.train
+        t, p = cfg.train, cfg.parallel
+        self.ctx = ctx if ctx is not None else init_parallel(parallel_dims(cfg))
+        dims = self.ctx.dims
         torch.manual_seed(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -54,36 +68,66 @@ class Trainer:
         train_data, self.val_data, self.data_meta = build_datasets(
             cfg.data, self.tokenizer, t.seq_len, cfg.model.vocab_size
         )
-        # the sampler's position is training state (exact resume comes with checkpoints)
+        # every rank draws the same indices; the sampler's position is training state
         self.train_batches = BatchIterator(
-            train_data, ShuffledSampler(len(train_data), t.seed), t.micro_batch_size
+            train_data,
+            ShuffledSampler(len(train_data), t.seed),
+            t.micro_batch_size,
+            dp_rank=self.ctx.dp_rank,
+            dp_size=dims.dp,
         )
-        self.model = Transformer(cfg.model)
-        self.moe_layers = self.model.moe_layers()
-        self.num_micro = t.global_batch_size // t.micro_batch_size
+        # the full model, initialized identically on every rank, then cut and sharded
+        model = Transformer(cfg.model).to(self.ctx.device)
+        self.num_params, self.num_active_params = model.num_params(), model.num_active_params()
+        self.flops_per_token = model.flops_per_token(t.seq_len)
+        self.pm = parallelize(model, self.ctx, p.activation_checkpointing, p.pp_virtual_stages)
+        self.model = self.pm.module
+        self.moe_layers = self.pm.moe_layers
+        self.num_moe_layers = cfg.model.num_moe_layers
+        self.num_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
+        self.loss_scale = 1.0 / self.num_micro
         for layer in self.moe_layers:
-            layer.aux_loss_scale = 1.0 / self.num_micro
+            layer.aux_loss_scale = self.loss_scale
+            layer.stats_log = []
+            if self.ctx.distributed and dims.dp > 1:
+                layer.reduce_global_counts = self.ctx.reduce_over_dp
+        self.params = self.pm.parameters()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
-        self.peak_flops, self.peak_source = peak_flops_per_device(t.peak_flops_per_device)
-        self.flops_per_token = self.model.flops_per_token(t.seq_len)
+        self.schedule = None
+        if dims.pp > 1:
+            self._pp_losses: list[torch.Tensor] = []
+            self.schedule = build_schedule(
+                self.pm,
+                self.ctx,
+                p.pp_schedule,
+                self.num_micro // dims.dp,
+                self._pp_loss,
+                t.micro_batch_size,
+                t.seq_len,
+            )
+        self.peak_flops, self.peak_source = 0.0, "not measured on this rank"
+        if self.ctx.is_logging_rank:
+            self.peak_flops, self.peak_source = peak_flops_per_device(t.peak_flops_per_device)
         self.autocast = (
-            torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+            torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
             if t.dtype == "bf16"
             else contextlib.nullcontext()
         )
 
     def run(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
-        self._write_run_metadata()
+        logging_rank = self.ctx.is_logging_rank
+        if logging_rank:
+            self._write_run_metadata()
         tracker = Tracker(
-            cfg.logging.wandb.mode,
+            cfg.logging.wandb.mode if logging_rank else "disabled",
             cfg.logging.wandb.project,
             cfg.logging.wandb.entity,
             self.run_dir,
             dict(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)),  # type: ignore[arg-type]
         )
-        writer = MetricsWriter(self.run_dir)
+        writer = MetricsWriter(self.run_dir) if logging_rank else None
         losses: list[float] = []
         val_losses: list[tuple[int, float]] = []
         load_steps: list[int] = []
@@ -91,11 +135,10 @@ class Trainer:
         val_losses.append((0, self._evaluate_and_log(0, writer, tracker)))  # the start point
         bar = tqdm(
             range(1, t.steps + 1),
-            disable=not cfg.logging.progress_bar,
+            disable=not (cfg.logging.progress_bar and logging_rank),
             desc="train",
             dynamic_ncols=True,
         )
-        self.model.train()
         for step in bar:
             start = time.perf_counter()
             stats, grad_norm, lr = self.train_step()
@@ -103,52 +146,105 @@ class Trainer:
             losses.append(stats.loss_sum / stats.micro_batches)
             if step % t.log_interval == 0 or step == t.steps:
                 row = self._log_row(step, stats, grad_norm, lr, seconds)
-                writer.write(row)
+                if writer is not None:
+                    writer.write(row)
+                    bar.write(console_line(row))
                 tracker.log(row, step)
-                bar.write(console_line(row))
                 load_steps.append(step)
                 loads.append(row["expert_load"])
             if step == t.steps or (t.eval_interval and step % t.eval_interval == 0):
                 val_losses.append((step, self._evaluate_and_log(step, writer, tracker, bar)))
         heatmap = self.run_dir / "expert_load.png"
-        if save_expert_load_heatmap(load_steps, loads, heatmap):
+        if logging_rank and save_expert_load_heatmap(load_steps, loads, heatmap):
             tracker.log_image("expert_load_heatmap", heatmap, t.steps)
-        writer.close()
+        if writer is not None:
+            writer.close()
         tracker.finish()
         return TrainResult(self.run_dir, losses, val_losses)
 
+    def close(self) -> None:
+        """Leave the process group the trainer joined (no-op in one process)."""
+        close_parallel(self.ctx)
+
     def train_step(self) -> tuple[StepStats, float, float]:
+        """One optimizer step over this rank's micro-batches of the next global batch.
+        Returns the step's statistics (summed over ranks), the global grad norm and the lr."""
         t = self.cfg.train
-        stats = StepStats()
-        for inputs_BS, targets_BS in self.train_batches.next_global_batch(t.global_batch_size):
-            loss = self._lm_loss(inputs_BS, targets_BS)
-            (loss / self.num_micro).backward()
-            stats.add_micro_batch(loss.detach(), self.moe_layers)
-        grad_norm = self._clip_gradients()
+        batches = [
+            (x.to(self.ctx.device), y.to(self.ctx.device))
+            for x, y in self.train_batches.next_global_batch(t.global_batch_size)
+        ]
+        for chunk in self.pm.chunks:
+            chunk.train()
+        if self.schedule is None:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+            for inputs_BS, targets_BS in batches:
+                loss = self._lm_loss(inputs_BS, targets_BS)
+                (loss * self.loss_scale).backward()
+                loss_sum += loss.detach()
+            local_loss, local_micro = float(loss_sum), len(batches)
+        else:
+            local_loss, local_micro = self._pipeline_step(batches)
+        if self.ctx.dims.tp > 1:
+            sync_tp_partial_grads(self.pm.tp_partial, self.ctx.group("tp"))
+            finish_partial_grads(self.params)
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        grad_norm = clip_grad_norm(self.params, max_norm, self.ctx)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        reduce_load = self.ctx.reduce_over_dp if self.ctx.distributed else None
         for layer in self.moe_layers:
-            layer.update_expert_bias()
-        return stats, grad_norm, lr
+            layer.update_expert_bias(reduce_load)
+        return self._step_stats(local_loss, local_micro), grad_norm, lr
 
-    def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        # host sync: the norm is logged every step
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    def _pipeline_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+        """Run the schedule over this rank's micro-batches; the loss lives on the last stage."""
+        assert self.schedule is not None
+        inputs = torch.cat([x for x, _ in batches])
+        targets = torch.cat([y for _, y in batches])
+        num_stages = self.ctx.dims.pp * len(self.pm.chunks)
+        first, last = 0 in self.pm.stage_ids, num_stages - 1 in self.pm.stage_ids
+        self._pp_losses.clear()
+        args = (inputs,) if first else ()
+        with self.autocast:
+            self.schedule.step(*args, target=targets if last else None)
+        if not last:
+            return 0.0, 0
+        return float(torch.stack(self._pp_losses).double().sum()), len(self._pp_losses)
+
+    def _pp_loss(self, logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+        self._pp_losses.append(loss.detach())
+        return loss * self.loss_scale
+
+    def _step_stats(self, loss_sum: float, micro_batches: int) -> StepStats:
+        stats = StepStats()
+        stats.add_losses(loss_sum, micro_batches)
+        for layer, index in zip(self.moe_layers, self.pm.moe_ids):
+            assert layer.stats_log is not None
+            for s in layer.stats_log:
+                stats.add_layer_stats(index, s)
+            layer.stats_log.clear()
+        if not self.ctx.distributed:
+            return stats
+        E = self.cfg.model.moe.num_experts
+        return stats.reduced(
+            self.ctx.reduce_over_stages_and_dp, self.num_moe_layers, E, self.cfg.train.seq_len
+        )
 
     def _evaluate_and_log(
-        self, step: int, writer: MetricsWriter, tracker: Tracker, bar: tqdm | None = None
+        self, step: int, writer: MetricsWriter | None, tracker: Tracker, bar: tqdm | None = None
     ) -> float:
         val = self.evaluate()
         row = {"step": step, "val_loss": val, "val_bpt": bits_per_token(val)}
-        writer.write(row)
+        if writer is not None:
+            writer.write(row)
+            (bar.write if bar is not None else print)(
+                f"step {step:>5} | val loss {val:.4f} | {row['val_bpt']:.3f} bits/token"
+            )
         tracker.log(row, step)
-        (bar.write if bar is not None else print)(
-            f"step {step:>5} | val loss {val:.4f} | {row['val_bpt']:.3f} bits/token"
-        )
         return val
 
     def _lm_loss(self, inputs_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -159,27 +255,44 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean LM loss over ``train.eval_batches`` fixed validation micro-batches."""
+        """Mean LM loss over ``train.eval_batches`` fixed validation micro-batches. Every
+        data-parallel rank evaluates all of them (identical results, no reduction; MoE
+        all-to-alls need every rank of an EP group to run the same number of forwards)."""
         t = self.cfg.train
-        self.model.eval()
-        total = 0.0
+        for chunk in self.pm.chunks:
+            chunk.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         batches = self.val_data.fixed_batches(t.eval_batches, t.micro_batch_size)
         for inputs_BS, targets_BS in batches:
-            total += self._lm_loss(inputs_BS, targets_BS).item()
-        self.model.train()
-        return total / len(batches)
+            inputs_BS, targets_BS = inputs_BS.to(self.ctx.device), targets_BS.to(self.ctx.device)
+            if self.schedule is None:
+                total += self._lm_loss(inputs_BS, targets_BS)
+                continue
+            with self.autocast:
+                logits = pipeline_forward(self.pm, self.ctx, inputs_BS)
+            if logits is not None:
+                total += F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+        if self.schedule is not None:
+            self.ctx.all_reduce(total, ("pp",))  # only the last stage's ranks hold the loss
+        for chunk in self.pm.chunks:
+            chunk.train()
+        return float(total) / len(batches)
 
     def _log_row(
         self, step: int, stats: StepStats, grad_norm: float, lr: float, seconds: float
     ) -> dict:
         tokens = self.cfg.train.global_batch_size * self.cfg.train.seq_len
         tokens_per_s = tokens / seconds
+        world = self.ctx.dims.world_size
         row = {
             "step": step,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            # the peak is measured on the logging rank only (rows are written there)
+            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * world)
+            if self.peak_flops
+            else 0.0,
         }
         row.update(stats.as_dict())
         return row
@@ -189,8 +302,9 @@ class Trainer:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "data": self.data_meta,
-            "params_total": self.model.num_params(),
-            "params_active": self.model.num_active_params(),
+            "params_total": self.num_params,
+            "params_active": self.num_active_params,
+            "world_size": self.ctx.dims.world_size,
             "flops_per_token": self.flops_per_token,
             "peak_flops_per_device": self.peak_flops,
             "peak_flops_source": self.peak_source,

@@ -1,0 +1,91 @@
+"""Train a few steps at a parallel layout and report what the correctness contract compares:
+per-step losses, grad norms, aux/z-loss values and the final weights.
+
+``train_steps(overrides, steps)`` runs in the calling process (single-process reference, or one
+rank of a ``run_distributed`` launch: the default process group is already up and its world
+size is the layout's).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from moetrain.config.schema import Config
+from moetrain.config.validate import parallel_dims, validate
+from moetrain.data.token_file import TokenDirWriter
+from moetrain.data.tokenizer import ByteTokenizer
+from moetrain.parallel.context import init_parallel
+from moetrain.parallel.parallelize import full_state
+
+
+def write_token_dir(path: str, num_tokens: int = 60_000, seed: int = 0) -> str:
+    """A prepared-token directory of random byte tokens (documents of 500 tokens)."""
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(seed)
+    docs = rng.integers(0, 256, size=(num_tokens // 500, 500))
+    docs[:, -1] = tok.require_eos()
+    with TokenDirWriter(path, tok) as writer:
+        writer.write(docs.flatten(), len(docs))
+        writer.commit()
+    return path
+
+
+def layout_config(data_dir: str, overrides: list[str]) -> Config:
+    """``tiny``, fp32, SGD, no clipping surprises: the contract's test configuration."""
+    from moetrain.train.cli import compose_config
+
+    base = [
+        "data.source=tokens",
+        f"data.path={data_dir}",
+        "train.steps=3",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.seq_len=32",
+        "train.eval_batches=1",
+        "train.peak_flops_per_device=1e12",
+        "optim=sgd",
+        "optim.lr=0.5",
+        "optim.warmup_steps=0",
+        "optim.schedule=constant",
+        "model.moe.z_loss_coeff=0.001",
+        "logging.wandb.mode=disabled",
+        "logging.progress_bar=false",
+    ]
+    cfg = OmegaConf.to_object(compose_config(base + overrides))
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+def train_steps(data_dir: str, overrides: list[str], steps: int = 3) -> dict[str, Any]:
+    from moetrain.train.trainer import Trainer
+
+    cfg = layout_config(data_dir, overrides)
+    ctx = init_parallel(parallel_dims(cfg))
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, Path(run_dir), ctx)
+        out: dict[str, Any] = {"loss": [], "grad_norm": [], "aux_loss": [], "z_loss": []}
+        for _ in range(steps):
+            stats, grad_norm, _ = trainer.train_step()
+            row = stats.as_dict()
+            out["loss"].append(row["loss"])
+            out["grad_norm"].append(grad_norm)
+            out["aux_loss"].append(row["aux_loss"])
+            out["z_loss"].append(row["z_loss"])
+            out["expert_load"] = row["expert_load"]
+        out["weights"] = {k: v.cpu() for k, v in full_state(trainer.pm).items()}
+        out["val_loss"] = trainer.evaluate()
+    return out
+
+
+def train_steps_rank(rank: int, world: int, data_dir: str, overrides: list[str], steps: int):
+    """``run_distributed`` entry point."""
+    del rank, world
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return train_steps(data_dir, overrides, steps)
