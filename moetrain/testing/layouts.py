@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -22,6 +23,9 @@ from moetrain.data.token_file import TokenDirWriter
 from moetrain.data.tokenizer import ByteTokenizer
 from moetrain.parallel.context import init_parallel
 from moetrain.parallel.parallelize import full_state
+
+if TYPE_CHECKING:
+    from moetrain.train.trainer import Trainer
 
 
 def write_token_dir(path: str, num_tokens: int = 60_000, seed: int = 0) -> str:
@@ -63,13 +67,22 @@ def layout_config(data_dir: str, overrides: list[str]) -> Config:
     return cfg
 
 
-def train_steps(data_dir: str, overrides: list[str], steps: int = 3) -> dict[str, Any]:
+def train_steps(
+    data_dir: str,
+    overrides: list[str],
+    steps: int = 3,
+    prepare: Callable[[Trainer], None] | None = None,
+) -> dict[str, Any]:
+    """``steps`` optimizer steps of the contract's configuration (``prepare`` may adjust the
+    trainer first, e.g. to install a reference hook)."""
     from moetrain.train.trainer import Trainer
 
     cfg = layout_config(data_dir, overrides)
     ctx = init_parallel(parallel_dims(cfg))
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir), ctx)
+        if prepare is not None:
+            prepare(trainer)
         out: dict[str, Any] = {"loss": [], "grad_norm": [], "aux_loss": [], "z_loss": []}
         for _ in range(steps):
             stats, grad_norm, _ = trainer.train_step()

@@ -83,3 +83,63 @@ def test_layout_equals_single_process(layout, data_dir):
     world, overrides = LAYOUTS[layout]
     results = run_distributed(train_steps_rank, world, data_dir, overrides, 3, timeout=200)
     assert_matches(results, reference(data_dir, []))
+
+
+# --- beyond dropless: capacity, the global aux-loss scope, activation checkpointing ----------
+
+CAPACITY = ["model.moe.capacity_factor=1.0"]
+
+
+@pytest.mark.timeout(240)
+def test_capacity_factor_ep2_is_per_rank_local_tokens(data_dir):
+    """Capacity is computed from each rank's own micro-batch (as Megatron-Core), which is the
+    micro-batch the single-process run sees at the same position: identical drops."""
+    ref = reference(data_dir, CAPACITY)
+    results = run_distributed(
+        train_steps_rank, 2, data_dir, [*CAPACITY, "parallel.ep=2"], 3, timeout=200
+    )
+    assert_matches(results, ref)
+
+
+def union_counts_reference(trainer) -> None:
+    """Single-process reference for aux_loss_scope=global at dp=2: each micro-batch's f is
+    formed from the expert counts of itself and its data-parallel partner (micro-batches
+    2j and 2j+1 run on ranks 0 and 1 at accumulation step j)."""
+    original = trainer.train_batches.next_global_batch
+    layers = trainer.moe_layers
+
+    def next_global_batch(global_batch_size):
+        batches = original(global_batch_size)
+        counts = []
+        with torch.no_grad():  # the same routing the training forward will compute
+            for inputs, _ in batches:
+                trainer.model(inputs)
+                counts.append([layer.last_stats.tokens_per_expert_E.clone() for layer in layers])
+        for i, layer in enumerate(layers):
+            unions = [counts[k][i] + counts[k ^ 1][i] for k in range(len(batches))]
+            layer.reduce_global_counts = lambda c, q=unions: q.pop(0) if q else c  # eval: local
+        for layer in layers:
+            assert layer.stats_log is not None
+            layer.stats_log.clear()  # the counting forwards are not training calls
+        return batches
+
+    trainer.train_batches.next_global_batch = next_global_batch
+
+
+@pytest.mark.timeout(240)
+def test_global_aux_scope_fsdp2_uses_the_union_of_micro_batches(data_dir):
+    overrides = ["model.moe.aux_loss_scope=global"]
+    ref = train_steps(data_dir, overrides, prepare=union_counts_reference)
+    local = reference(data_dir, [])  # micro-batch scope: a different loss, so the test can fail
+    assert ref["aux_loss"] != pytest.approx(local["aux_loss"], rel=1e-5)
+    results = run_distributed(train_steps_rank, 2, data_dir, overrides, 3, timeout=200)
+    assert_matches(results, ref)
+
+
+@pytest.mark.timeout(240)
+def test_activation_checkpointing_tp2_ep2(data_dir):
+    """Recomputed blocks (all-to-all and sequence-parallel collectives run again in backward)
+    give the same step, and statistics are not recorded twice."""
+    overrides = ["parallel.activation_checkpointing=true", "parallel.tp=2", "parallel.ep=2"]
+    results = run_distributed(train_steps_rank, 4, data_dir, overrides, 3, timeout=200)
+    assert_matches(results, reference(data_dir, []))
