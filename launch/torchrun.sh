@@ -6,8 +6,9 @@
 #
 # Environment: NNODES (1), NPROC_PER_NODE (the GPU count, else 1), NODE_RANK (0), MASTER_ADDR
 # (127.0.0.1), MASTER_PORT (29500), RUN_ID (multi-node rendezvous id, shared by every node of a
-# job; torchrun exports it and the run directory defaults to runs/<RUN_ID>), DRY_RUN=1 prints
-# the command instead of running it.
+# job; torchrun exports it and the run directory defaults to runs/<RUN_ID>), LOCAL_ADDR (the
+# address other nodes reach this node at, when the hostname does not resolve to it), DRY_RUN=1
+# prints the command instead of running it.
 set -euo pipefail
 
 NNODES=${NNODES:-1}
@@ -23,7 +24,14 @@ if [[ $NNODES == 1 ]]; then
   cmd=(torchrun --standalone --nproc-per-node "$NPROC_PER_NODE")
 else
   cmd=(torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE"
-       --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RUN_ID")
+       --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RUN_ID"
+       # node 0 hosts the rendezvous store even when MASTER_ADDR is an address torchrun does not
+       # recognise as its own (a second interface, a network namespace)
+       --rdzv-conf "is_host=$([[ $NODE_RANK == 0 ]] && echo 1 || echo 0)")
+fi
+if [[ -n ${LOCAL_ADDR:-} ]]; then
+  # the address other nodes reach this one at (torchrun otherwise publishes the hostname)
+  cmd+=(--local-addr "$LOCAL_ADDR")
 fi
 cmd+=(-m moetrain.train "$@")
 

@@ -63,6 +63,8 @@ def test_multi_node_from_environment():
         "10.1.2.3:29600",
         "--rdzv-id",
         "job7",
+        "--rdzv-conf",
+        "is_host=0",
     ]
     assert cmd[cmd.index("-m") :] == ["-m", "moetrain.train", "parallel.tp=2"]
 
