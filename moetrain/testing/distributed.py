@@ -27,6 +27,7 @@ def _worker(
     world_size: int,
     port: int,
     timeout: float,
+    backend: str,
     fn: Callable[..., Any],
     args: tuple,
     results: Any,
@@ -40,8 +41,12 @@ def _worker(
         OMP_NUM_THREADS="1",
     )
     try:
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
         )
         # pickled by value: tensors put on a multiprocessing queue would travel as shared-memory
         # handles that die with this process
@@ -54,10 +59,15 @@ def _worker(
 
 
 def run_distributed(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes, each with a
-    gloo default process group, and return the ranks' return values in rank order.
+    default process group (gloo; ``backend="nccl"`` puts rank r on GPU r), and return the ranks'
+    return values in rank order.
 
     ``fn`` and its arguments must be picklable (a module-level function). Raises
     ``RuntimeError`` with the failing ranks' tracebacks, or ``TimeoutError`` after ``timeout``
@@ -67,7 +77,7 @@ def run_distributed(
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, timeout, fn, args, results))
+        ctx.Process(target=_worker, args=(r, world_size, port, timeout, backend, fn, args, results))
         for r in range(world_size)
     ]
     for p in procs:

@@ -230,9 +230,12 @@ class Trainer:
         if not self.ctx.distributed:
             return stats
         E = self.cfg.model.moe.num_experts
-        return stats.reduced(
-            self.ctx.reduce_over_stages_and_dp, self.num_moe_layers, E, self.cfg.train.seq_len
-        )
+        device = self.ctx.device  # NCCL reduces device tensors only
+
+        def reduce(vec: torch.Tensor) -> torch.Tensor:
+            return self.ctx.reduce_over_stages_and_dp(vec.to(device)).cpu()
+
+        return stats.reduced(reduce, self.num_moe_layers, E, self.cfg.train.seq_len)
 
     def _evaluate_and_log(
         self, step: int, writer: MetricsWriter | None, tracker: Tracker, bar: tqdm | None = None

@@ -143,3 +143,17 @@ def test_activation_checkpointing_tp2_ep2(data_dir):
     overrides = ["parallel.activation_checkpointing=true", "parallel.tp=2", "parallel.ep=2"]
     results = run_distributed(train_steps_rank, 4, data_dir, overrides, 3, timeout=200)
     assert_matches(results, reference(data_dir, []))
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", ["ep2", "tp2", "pp2_1f1b"])
+def test_layout_on_gpus_with_nccl(layout, data_dir):
+    """The NCCL path (device tensors in every collective) on 2 GPUs, against one GPU."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    world, overrides = LAYOUTS[layout]
+    results = run_distributed(
+        train_steps_rank, world, data_dir, overrides, 3, timeout=200, backend="nccl"
+    )
+    assert_matches(results, train_steps(data_dir, []))
