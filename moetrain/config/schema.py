@@ -67,9 +67,10 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # steps between checkpoints; 0 = none
-    resume: str = "auto"
-    init_from: Optional[str] = None
+    interval: int = 0  # steps between checkpoints (and one at the end); 0 = no checkpoints
+    resume: str = "auto"  # auto (newest complete one in run.dir) | never | a checkpoint directory
+    init_from: Optional[str] = None  # a native checkpoint directory: model weights only
+    keep_last: int = 3  # checkpoints kept (older ones deleted); 0 = keep all
 
 
 @dataclass

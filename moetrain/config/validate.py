@@ -153,11 +153,22 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
 
 def _validate_checkpoint(cfg: Config) -> None:
     c = cfg.checkpoint
-    if c.resume not in ("auto", "never"):
-        _fail("checkpoint.resume", f"must be auto or never in this version, got {c.resume!r}")
-    if c.interval != 0 or c.init_from is not None:
+    if c.interval < 0:
+        _fail("checkpoint.interval", f"must be >= 0 (0 = no checkpoints), got {c.interval}")
+    if c.keep_last < 0:
+        _fail("checkpoint.keep_last", f"must be >= 0 (0 = keep all), got {c.keep_last}")
+    if c.resume not in ("auto", "never") and not os.path.isdir(c.resume):
         _fail(
-            "checkpoint",
-            "saving (checkpoint.interval) and loading (checkpoint.init_from) are not in this "
-            "version yet; leave checkpoint.interval=0 and checkpoint.init_from=null",
+            "checkpoint.resume",
+            f"{c.resume!r} is neither auto, never nor a checkpoint directory "
+            "(<run.dir>/checkpoints/<step>)",
         )
+    if c.init_from is not None:
+        if not os.path.isdir(c.init_from):
+            _fail("checkpoint.init_from", f"{c.init_from!r} is not a directory")
+        if os.path.isfile(os.path.join(c.init_from, "config.json")):
+            _fail(
+                "checkpoint.init_from",
+                f"{c.init_from!r} is a Hugging Face directory; importing those comes with the "
+                "Hugging Face adapters — give a native checkpoint (<run.dir>/checkpoints/<step>)",
+            )

@@ -79,6 +79,20 @@ class PipelineChunk(nn.Module):
         return h
 
 
+class _StateView(nn.Module):
+    """The pipeline chunks of one rank reassembled under the full model's names."""
+
+    def __init__(self, chunks: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict()
+        for chunk in chunks:
+            assert isinstance(chunk, PipelineChunk)
+            for name in ("tok_embeddings", "norm", "output"):
+                if getattr(chunk, name) is not None:
+                    setattr(self, name, getattr(chunk, name))
+            self.layers.update(dict(chunk.layers.items()))
+
+
 @dataclass
 class ParallelModel:
     """This rank's part of the model: ``chunks`` (the whole model, or its pipeline stages in
@@ -91,6 +105,14 @@ class ParallelModel:
     moe_layers: list[MoELayer]
     moe_ids: list[int]
     tp_partial: list[ParamRef] = field(default_factory=list)
+
+    def state_module(self) -> nn.Module:
+        """A module over this rank's parameters under the full model's names (``tok_embeddings``,
+        ``layers.<i>...``, ``norm``, ``output``): what checkpoints key state by, whatever the
+        layout."""
+        if len(self.chunks) == 1 and not isinstance(self.chunks[0], PipelineChunk):
+            return self.chunks[0]
+        return _StateView(self.chunks)
 
     @property
     def module(self) -> nn.Module:

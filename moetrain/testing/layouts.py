@@ -72,20 +72,27 @@ def train_steps(
     overrides: list[str],
     steps: int = 3,
     prepare: Callable[[Trainer], None] | None = None,
+    run_dir: str | None = None,
+    checkpoint_at: int | None = None,
 ) -> dict[str, Any]:
     """``steps`` optimizer steps of the contract's configuration (``prepare`` may adjust the
-    trainer first, e.g. to install a reference hook)."""
+    trainer first, e.g. to install a reference hook). With ``run_dir``, the run resumes as
+    ``checkpoint.resume`` says and saves a checkpoint after step ``checkpoint_at``."""
     from moetrain.train.trainer import Trainer
 
     cfg = layout_config(data_dir, overrides)
     ctx = init_parallel(parallel_dims(cfg))
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir), ctx)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(run_dir or tmp), ctx)
+        if run_dir is not None:
+            trainer.resume()
         if prepare is not None:
             prepare(trainer)
         out: dict[str, Any] = {"loss": [], "grad_norm": [], "aux_loss": [], "z_loss": []}
         for _ in range(steps):
             stats, grad_norm, _ = trainer.train_step()
+            if trainer.step == checkpoint_at:
+                trainer.save_checkpoint()
             row = stats.as_dict()
             out["loss"].append(row["loss"])
             out["grad_norm"].append(grad_norm)
@@ -97,8 +104,16 @@ def train_steps(
     return out
 
 
-def train_steps_rank(rank: int, world: int, data_dir: str, overrides: list[str], steps: int):
+def train_steps_rank(
+    rank: int,
+    world: int,
+    data_dir: str,
+    overrides: list[str],
+    steps: int,
+    run_dir: str | None = None,
+    checkpoint_at: int | None = None,
+):
     """``run_distributed`` entry point."""
     del rank, world
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return train_steps(data_dir, overrides, steps)
+    return train_steps(data_dir, overrides, steps, run_dir=run_dir, checkpoint_at=checkpoint_at)

@@ -26,18 +26,22 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 def resolve_run_dir(cfg: Config) -> Path:
     """``run.dir``, else ``runs/<torchrun run id>`` (shared by a launch's ranks and restarts),
-    else ``runs/<timestamp>-<pid>``. A directory that already holds a run is refused: nothing
-    of an earlier run is overwritten."""
+    else ``runs/<timestamp>-<pid>``. A directory that already holds a run is refused unless it
+    has checkpoints to resume from (``checkpoint.resume``): nothing of an earlier run is
+    overwritten."""
     if cfg.run.dir:
         path = Path(cfg.run.dir)
     else:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         path = Path("runs") / (run_id if run_id != "none" else stamp)
-    if (path / "metrics.jsonl").exists():
+    resumable = cfg.checkpoint.resume != "never" and any(
+        p.is_dir() and p.name.isdigit() for p in (path / "checkpoints").glob("*")
+    )
+    if (path / "metrics.jsonl").exists() and not resumable:
         raise ValueError(
-            f"run.dir: {path} already holds a run (metrics.jsonl); choose a new run.dir or "
-            "remove it (resuming a run comes with checkpoints)"
+            f"run.dir: {path} already holds a run (metrics.jsonl) with no checkpoint to resume "
+            "from; choose a new run.dir or remove it"
         )
     path.mkdir(parents=True, exist_ok=True)
     return path

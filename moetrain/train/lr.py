@@ -47,3 +47,20 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     fn: Callable[[int], float] = lambda step: lr_multiplier(step, total_steps, cfg)  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict[str, int]:
+    """The schedule's position: all a checkpoint needs (base lrs come from the config, and the
+    number of param groups depends on the parallel layout)."""
+    return {"last_epoch": scheduler.last_epoch}
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
+    step = int(state["last_epoch"])
+    scheduler.last_epoch = step
+    scheduler._step_count = step + 1  # as if stepped `step` times
+    for group, base_lr, fn in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+    ):
+        group["lr"] = base_lr * fn(step)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]

@@ -156,9 +156,25 @@ class StepStats:
 class MetricsWriter:
     """Appends one JSON object per row to ``metrics.jsonl``."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+        """A fresh run starts the file; a run resumed from step ``resume_step`` keeps the rows up
+        to that step (dropping later ones and a half-written last line) and appends."""
         self.path = run_dir / "metrics.jsonl"
-        self._file = self.path.open("w")  # a fresh run; resume (checkpoint issue) trims and appends
+        if resume_step is None or not self.path.exists():
+            self._file = self.path.open("w")
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the crash
+                continue
+            if row.get("step", 0) <= resume_step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".part")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        self._file = self.path.open("a")
 
     def write(self, row: dict) -> None:
         self._file.write(json.dumps(row) + "\n")

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from moetrain import checkpoint
+from moetrain.checkpoint.native import load_model_weights
 from moetrain.config.schema import Config
 from moetrain.config.validate import parallel_dims
 from moetrain.data import BatchIterator, ShuffledSampler, build_datasets, build_tokenizer
@@ -33,7 +35,7 @@ from moetrain.parallel.grads import clip_grad_norm, finish_partial_grads
 from moetrain.parallel.parallelize import parallelize
 from moetrain.parallel.pipeline import build_schedule, pipeline_forward
 from moetrain.parallel.tp import sync_tp_partial_grads
-from moetrain.train.lr import build_scheduler
+from moetrain.train.lr import build_scheduler, load_scheduler_state, scheduler_state
 from moetrain.train.metrics import (
     MetricsWriter,
     StepStats,
@@ -92,6 +94,9 @@ class Trainer:
             if self.ctx.distributed and dims.dp > 1:
                 layer.reduce_global_counts = self.ctx.reduce_over_dp
         self.params = self.pm.parameters()
+        self.state_module = self.pm.state_module()
+        if cfg.checkpoint.init_from:  # weights only; a fresh run otherwise
+            load_model_weights(Path(cfg.checkpoint.init_from), self.state_module)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.schedule = None
@@ -106,6 +111,9 @@ class Trainer:
                 t.micro_batch_size,
                 t.seq_len,
             )
+        self.step = 0  # optimizer steps taken (restored on resume)
+        self.wandb_run_id: str | None = None
+        self.resumed_from: Path | None = None
         self.peak_flops, self.peak_source = 0.0, "not measured on this rank"
         if self.ctx.is_logging_rank:
             self.peak_flops, self.peak_source = peak_flops_per_device(t.peak_flops_per_device)
@@ -118,6 +126,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         logging_rank = self.ctx.is_logging_rank
+        self.resume()
         if logging_rank:
             self._write_run_metadata()
         tracker = Tracker(
@@ -126,15 +135,22 @@ class Trainer:
             cfg.logging.wandb.entity,
             self.run_dir,
             dict(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)),  # type: ignore[arg-type]
+            run_id=self.wandb_run_id,  # a resumed run continues its wandb run
         )
-        writer = MetricsWriter(self.run_dir) if logging_rank else None
+        self.wandb_run_id = tracker.run_id
+        writer = None
+        if logging_rank:
+            writer = MetricsWriter(
+                self.run_dir, resume_step=self.step if self.resumed_from else None
+            )
         losses: list[float] = []
         val_losses: list[tuple[int, float]] = []
         load_steps: list[int] = []
         loads: list[list[list[float]]] = []
-        val_losses.append((0, self._evaluate_and_log(0, writer, tracker)))  # the start point
+        if self.resumed_from is None:
+            val_losses.append((0, self._evaluate_and_log(0, writer, tracker)))  # the start point
         bar = tqdm(
-            range(1, t.steps + 1),
+            range(self.step + 1, t.steps + 1),
             disable=not (cfg.logging.progress_bar and logging_rank),
             desc="train",
             dynamic_ncols=True,
@@ -154,6 +170,9 @@ class Trainer:
                 loads.append(row["expert_load"])
             if step == t.steps or (t.eval_interval and step % t.eval_interval == 0):
                 val_losses.append((step, self._evaluate_and_log(step, writer, tracker, bar)))
+            interval = cfg.checkpoint.interval
+            if interval and (step % interval == 0 or step == t.steps):
+                self.save_checkpoint()
         heatmap = self.run_dir / "expert_load.png"
         if logging_rank and save_expert_load_heatmap(load_steps, loads, heatmap):
             tracker.log_image("expert_load_heatmap", heatmap, t.steps)
@@ -161,6 +180,69 @@ class Trainer:
             writer.close()
         tracker.finish()
         return TrainResult(self.run_dir, losses, val_losses)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _layout(self) -> dict[str, int]:
+        d = self.ctx.dims
+        return {
+            "world_size": d.world_size,
+            "pp": d.pp,
+            "dp_replicate": d.dp_replicate,
+            "dp_shard": d.dp_shard,
+            "tp": d.tp,
+            "ep": d.ep,
+            "etp": d.etp,
+            "pp_virtual_stages": self.cfg.parallel.pp_virtual_stages,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the state after ``self.step`` steps (every rank calls this)."""
+        t = self.cfg.train
+        train_state = {
+            "step": self.step,
+            "tokens_seen": self.step * t.global_batch_size * t.seq_len,
+            "scheduler": scheduler_state(self.scheduler),
+            "sampler": self.train_batches.state_dict(),
+            "wandb_run_id": self.wandb_run_id,
+            "layout": self._layout(),
+            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
+        }
+        return checkpoint.save(
+            self.checkpoints_dir,
+            self.step,
+            self.state_module,
+            self.optimizer,
+            train_state,
+            self.cfg.checkpoint.keep_last,
+        )
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint ``checkpoint.resume`` names (auto: the newest complete one in the
+        run dir, if any) and continue from its step."""
+        how = self.cfg.checkpoint.resume
+        if how == "never" or self.resumed_from is not None:
+            return None
+        path = checkpoint.find_latest(self.checkpoints_dir) if how == "auto" else Path(how)
+        if path is None:
+            return None
+        state = checkpoint.native.read_train_state(path)
+        same_layout = state.get("layout") == self._layout()
+        checkpoint.load(path, self.state_module, self.optimizer, same_layout)
+        self.step = int(state["step"])
+        load_scheduler_state(self.scheduler, state["scheduler"])
+        self.train_batches.load_state_dict(state["sampler"])
+        self.wandb_run_id = state.get("wandb_run_id")
+        if not same_layout:  # per-rank RNG streams are re-derived from the seed and step
+            torch.manual_seed(self.cfg.train.seed + self.step + 1_000_003 * self.ctx.rank)
+        self.resumed_from = path
+        if self.ctx.is_logging_rank:
+            print(f"moetrain: resumed from {path} (step {self.step})", flush=True)
+        return path
 
     def close(self) -> None:
         """Leave the process group the trainer joined (no-op in one process)."""
@@ -197,6 +279,7 @@ class Trainer:
         reduce_load = self.ctx.reduce_over_dp if self.ctx.distributed else None
         for layer in self.moe_layers:
             layer.update_expert_bias(reduce_load)
+        self.step += 1
         return self._step_stats(local_loss, local_micro), grad_norm, lr
 
     def _pipeline_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:

@@ -1,0 +1,258 @@
+"""Native checkpoints: ``<run.dir>/checkpoints/<step>/``, written atomically, layout-independent.
+
+One checkpoint directory holds
+
+- the model and optimizer state (DTensors and plain tensors keyed by the full model's parameter
+  names), written with ``torch.distributed.checkpoint`` by every rank: a checkpoint saved at one
+  layout loads at any other;
+- ``train_state.json``: step, tokens seen, LR-scheduler state, data-sampler position, wandb run
+  id, the layout it was saved at — JSON, never unpickled;
+- ``rng/rank<k>.json``: each rank's python, numpy and torch RNG states (JSON);
+- ``checksums.json``: SHA-256 of every other file, written last.
+
+Atomicity: every rank writes under ``checkpoints/.tmp-<step>/``; after a barrier rank 0 writes the
+checksums, renames the directory to ``<step>`` and then replaces the ``latest`` pointer (a file
+holding the step's directory name). A directory without checksums, or whose files do not match
+them, is incomplete or corrupt: :func:`find_latest` skips it with a warning naming it.
+Native checkpoints use torch's distributed-checkpoint metadata (pickled): load only those you
+trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+CHECKSUMS = "checksums.json"
+TRAIN_STATE = "train_state.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with tmp.open("w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- RNG states as JSON ----------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        if torch.cuda.is_available()
+        else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# --- model and optimizer state -----------------------------------------------------------------
+
+
+def app_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(state to save or load, the optimizer's current param groups). The state is the model's
+    and the optimizer's per-parameter tensors keyed by parameter names, sharded as the model is.
+    Param groups are not saved: their hyperparameters come from the config, and how parameters
+    are grouped depends on the layout (groups are split by device mesh)."""
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}, []
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    groups = cast(list[dict[str, Any]], optim_sd["param_groups"])
+    return {"model": model_sd, "optim": {"state": optim_sd["state"]}}, groups
+
+
+def save(
+    checkpoints_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint ``step`` (every rank calls this). Returns its final directory."""
+    final = checkpoints_dir / step_dir_name(step)
+    tmp = checkpoints_dir / f"{TMP_PREFIX}{step_dir_name(step)}"
+    if _rank() == 0:
+        if tmp.exists():  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(app_state(model, optimizer)[0], checkpoint_id=str(tmp))
+    _write_json(tmp / "rng" / f"rank{_rank()}.json", rng_state())
+    _barrier()
+    if _rank() == 0:
+        _write_json(tmp / TRAIN_STATE, train_state)
+        sums = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
+        _write_json(tmp / CHECKSUMS, sums)
+        if final.exists():  # the same step saved again (a restart): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(checkpoints_dir)
+        pointer = checkpoints_dir / (LATEST + ".part")
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, checkpoints_dir / LATEST)
+        _fsync_dir(checkpoints_dir)
+        _prune(checkpoints_dir, keep_last, keep=final.name)
+    _barrier()
+    return final
+
+
+def _prune(checkpoints_dir: Path, keep_last: int, keep: str) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    for old in steps[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(path: Path) -> str | None:
+    """Why checkpoint directory ``path`` cannot be loaded (None when it is complete and intact)."""
+    sums_path = path / CHECKSUMS
+    if not sums_path.is_file():
+        return f"{path}: incomplete (no {CHECKSUMS}; the save did not finish)"
+    try:
+        sums = json.loads(sums_path.read_text())
+    except json.JSONDecodeError:
+        return f"{sums_path}: unreadable"
+    for name, digest in sums.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing"
+        if _sha256(file) != digest:
+            return f"{file}: checksum mismatch (truncated or corrupted)"
+    return None
+
+
+def find_latest(checkpoints_dir: Path) -> Path | None:
+    """The newest complete, intact checkpoint under ``checkpoints_dir`` (others are skipped with
+    a warning naming them)."""
+    if not checkpoints_dir.is_dir():
+        return None
+    steps = sorted(
+        (p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True
+    )
+    for path in steps:
+        why = verify(path)
+        if why is None:
+            return path
+        warnings.warn(f"skipping checkpoint {why}", stacklevel=2)
+    return None
+
+
+def load(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    same_layout: bool,
+) -> dict[str, Any]:
+    """Load checkpoint ``path`` into ``model`` (and ``optimizer``); restore this rank's RNG
+    states when the layout is the one it was saved at. Returns the train state."""
+    why = verify(path)
+    if why is not None:
+        raise CheckpointError(f"checkpoint.resume: {why}")
+    state, param_groups = app_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        optim_sd = {"state": state["optim"]["state"], "param_groups": param_groups}
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_sd)
+    rng_file = path / "rng" / f"rank{_rank()}.json"
+    if same_layout and rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return json.loads((path / TRAIN_STATE).read_text())
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    why = verify(path)
+    if why is not None:
+        raise CheckpointError(f"checkpoint.resume: {why}")
+    return json.loads((path / TRAIN_STATE).read_text())
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """``checkpoint.init_from`` for a native checkpoint: model weights only, any layout."""
+    why = verify(path)
+    if why is not None:
+        raise CheckpointError(f"checkpoint.init_from: {why}")
+    state = {"model": get_model_state_dict(model, options=StateDictOptions())}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])

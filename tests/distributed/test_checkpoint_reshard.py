@@ -1,0 +1,52 @@
+"""A checkpoint saved at one layout loads at another: the next steps' losses equal what the
+saving layout computes (AdamW, so the optimizer moments are resharded too)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moetrain.testing import run_distributed
+from moetrain.testing.layouts import train_steps, train_steps_rank, write_token_dir
+
+ADAMW = ["optim=adamw", "optim.lr=0.003"]
+PAIRS = {
+    "ep2_folded_to_single": ((4, ["parallel.ep=2"]), (1, [])),
+    "single_to_ep4": ((1, []), (4, ["parallel.ep=4"])),
+    "tp2_to_pp2": ((2, ["parallel.tp=2"]), (2, ["parallel.pp=2"])),
+    "pp2_ep2_to_tp2_ep2": (
+        (4, ["parallel.pp=2", "parallel.ep=2"]),
+        (4, ["parallel.tp=2", "parallel.ep=2"]),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    return write_token_dir(str(tmp_path_factory.mktemp("tokens")))
+
+
+def run(world: int, data_dir: str, overrides: list[str], steps: int, run_dir: str, at=None):
+    if world == 1:
+        return train_steps(data_dir, overrides, steps, run_dir=run_dir, checkpoint_at=at)
+    results = run_distributed(
+        train_steps_rank, world, data_dir, overrides, steps, run_dir, at, timeout=200
+    )
+    return results[0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_reshard(pair, data_dir, tmp_path):
+    (world_a, layout_a), (world_b, layout_b) = PAIRS[pair]
+    saved = run(world_a, data_dir, [*ADAMW, *layout_a], 4, str(tmp_path / "a"), at=2)
+    ckpt = tmp_path / "a" / "checkpoints" / "00000002"
+    assert (ckpt / "checksums.json").is_file()
+    resumed = run(
+        world_b,
+        data_dir,
+        [*ADAMW, *layout_b, f"checkpoint.resume={ckpt}"],
+        2,
+        str(tmp_path / "b"),
+    )
+    assert resumed["loss"] == pytest.approx(saved["loss"][2:], rel=1e-5)
+    assert resumed["aux_loss"] == pytest.approx(saved["aux_loss"][2:], rel=1e-5)
