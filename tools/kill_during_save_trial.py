@@ -111,9 +111,10 @@ def main() -> None:
         print(json.dumps({"summary": summary, "trials": results}))
         return
     for r in results:
+        when = "mid-save" if r["killed_mid_save"] else "between saves"
         print(
-            f"trial {r['trial']:>2}: killed {'mid-save' if r['killed_mid_save'] else 'between saves'}"
-            f", latest={r['latest']} complete={r['latest_complete']}, resumed from step "
+            f"trial {r['trial']:>2}: killed {when}, latest={r['latest']} "
+            f"complete={r['latest_complete']}, resumed from step "
             f"{r['resumed_from_step']}: {'ok' if r['resume_ok'] else 'FAILED'}"
         )
     print(summary)

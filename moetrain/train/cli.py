@@ -38,7 +38,9 @@ def resolve_run_dir(cfg: Config) -> Path:
     resumable = cfg.checkpoint.resume != "never" and any(
         p.is_dir() and p.name.isdigit() for p in (path / "checkpoints").glob("*")
     )
-    if (path / "metrics.jsonl").exists() and not resumable:
+    # a torchrun restart of this launch (killed before its first checkpoint) starts over
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if (path / "metrics.jsonl").exists() and not resumable and not restarted:
         raise ValueError(
             f"run.dir: {path} already holds a run (metrics.jsonl) with no checkpoint to resume "
             "from; choose a new run.dir or remove it"

@@ -157,3 +157,41 @@ def test_ep_not_dividing_experts(data_dir, monkeypatch, tmp_path):
     with pytest.raises(ValueError) as err:
         setup(compose_config([*common(data_dir), f"run.dir={tmp_path}", "parallel.ep=6"]))
     assert str(err.value) == "parallel.ep: 6 does not divide model.moe.num_experts=8"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_killed_rank_restarts_and_resumes_with_the_same_losses(data_dir, tmp_path):
+    """torchrun --max-restarts: a worker killed mid-run makes the agent restart every worker;
+    they resume from the newest complete checkpoint and the run logs the uninterrupted losses."""
+    import signal
+    import time
+
+    args = [*common(data_dir), "train.steps=12", "checkpoint.interval=3", "parallel.ep=2"]
+    ref_dir = tmp_path / "ref"
+    ref = torchrun(2, [*args, f"run.dir={ref_dir}"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+        "--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "-m", "moetrain.train", *args, f"run.dir={run_dir}",
+    ]  # fmt: skip
+    out_file, err_file = (tmp_path / "out.txt").open("w"), (tmp_path / "err.txt").open("w")
+    # files, not pipes: an unread pipe that fills up would block the agent
+    agent = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=out_file, stderr=err_file)
+    deadline = time.monotonic() + 200
+    while not (run_dir / "checkpoints" / "00000006").exists():
+        assert agent.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    workers = subprocess.run(
+        ["pgrep", "-P", str(agent.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    agent.wait(timeout=300)
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert agent.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    assert losses(run_dir) == losses(ref_dir)
+    assert len(losses(run_dir)) == 12
