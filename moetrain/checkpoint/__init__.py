@@ -1,5 +1,12 @@
 """Checkpoints: native (distributed, atomic, layout-independent) save, resume and init."""
 
-from moetrain.checkpoint.native import CheckpointError, find_latest, load, save, verify
+from moetrain.checkpoint.native import (
+    CheckpointError,
+    find_latest,
+    load,
+    load_model,
+    save,
+    verify,
+)
 
-__all__ = ["CheckpointError", "find_latest", "load", "save", "verify"]
+__all__ = ["CheckpointError", "find_latest", "load", "load_model", "save", "verify"]

@@ -256,3 +256,23 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     state = {"model": get_model_state_dict(model, options=StateDictOptions())}
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """An eval-ready :class:`moetrain.models.Transformer` from a native checkpoint directory
+    saved at any layout (no process group needed): ``model(tokens_BS) -> logits_BSV``."""
+    from omegaconf import OmegaConf
+
+    from moetrain.models import ModelConfig, Transformer
+
+    ckpt = Path(path)
+    if (ckpt / "config.json").is_file():
+        raise CheckpointError(
+            f"{ckpt} is a Hugging Face directory; loading those comes with the Hugging Face "
+            "adapters — give a native checkpoint (<run.dir>/checkpoints/<step>)"
+        )
+    state = read_train_state(ckpt)
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), state["config"]["model"])
+    model = Transformer(OmegaConf.to_object(model_cfg))  # type: ignore[arg-type]
+    load_model_weights(ckpt, model)
+    return model.eval()

@@ -50,3 +50,25 @@ def test_reshard(pair, data_dir, tmp_path):
     )
     assert resumed["loss"] == pytest.approx(saved["loss"][2:], rel=1e-5)
     assert resumed["aux_loss"] == pytest.approx(saved["aux_loss"][2:], rel=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_load_model_from_a_4_rank_checkpoint(data_dir, tmp_path):
+    """moetrain.load_model reads a checkpoint saved by ep2 on 4 ranks in one process, with no
+    process group: its logits give the validation loss the saving run computed."""
+    import torch
+    import torch.nn.functional as F
+
+    import moetrain
+    from moetrain.data import WindowDataset
+    from moetrain.data.dataset import TokenSource
+
+    saved = run(4, data_dir, ["parallel.ep=2"], 3, str(tmp_path / "a"), at=3)
+    model = moetrain.load_model(tmp_path / "a" / "checkpoints" / "00000003")
+    source = TokenSource(data_dir)
+    _, val_tokens = source.split(0.05)
+    inputs, targets = WindowDataset(val_tokens, 32).fixed_batches(1, 2)[0]
+    with torch.no_grad():
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
+    assert loss == pytest.approx(saved["val_loss"], rel=1e-5)
