@@ -24,30 +24,19 @@ import time
 from pathlib import Path
 
 from moetrain.checkpoint import find_latest, verify
-from moetrain.testing.layouts import write_token_dir
+from moetrain.testing.layouts import small_run_command, write_token_dir
 
 
 def command(data_dir: str, run_dir: Path, steps: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "moetrain.train",
-        "data.source=tokens",
-        f"data.path={data_dir}",
+    return small_run_command(
+        data_dir,
+        run_dir,
         f"train.steps={steps}",
-        "train.global_batch_size=4",
-        "train.seq_len=32",
-        "train.eval_batches=1",
         "train.eval_interval=0",
-        "train.log_interval=1",
-        "train.peak_flops_per_device=1e12",
         "optim.schedule=constant",
         "optim.warmup_steps=0",
         "checkpoint.interval=1",
-        "logging.wandb.mode=disabled",
-        "logging.progress_bar=false",
-        f"run.dir={run_dir}",
-    ]
+    )
 
 
 def trial(data_dir: str, root: Path, index: int, rng: random.Random) -> dict:

@@ -9,6 +9,7 @@ size is the layout's).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,28 @@ def write_token_dir(path: str, num_tokens: int = 60_000, seed: int = 0) -> str:
         writer.write(docs.flatten(), len(docs))
         writer.commit()
     return path
+
+
+def small_run_command(data_dir: str, run_dir: str | os.PathLike, *overrides: str) -> list[str]:
+    """``python -m moetrain.train`` on a token directory with a tiny global batch (4 sequences
+    of 32 tokens), logging every step, wandb off: seconds per run, for restart and kill tests.
+    Later overrides win."""
+    return [
+        sys.executable,
+        "-m",
+        "moetrain.train",
+        "data.source=tokens",
+        f"data.path={data_dir}",
+        "train.global_batch_size=4",
+        "train.seq_len=32",
+        "train.eval_batches=1",
+        "train.log_interval=1",
+        "train.peak_flops_per_device=1e12",
+        "logging.wandb.mode=disabled",
+        "logging.progress_bar=false",
+        f"run.dir={run_dir}",
+        *overrides,
+    ]
 
 
 def layout_config(data_dir: str, overrides: list[str]) -> Config:

@@ -8,36 +8,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from moetrain.checkpoint import find_latest, verify
-from moetrain.testing.layouts import write_token_dir
+from moetrain.testing.layouts import small_run_command, write_token_dir
 
 
 def command(data_dir: str, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "moetrain.train",
-        "data.source=tokens",
-        f"data.path={data_dir}",
-        "train.steps=20",
-        "train.global_batch_size=4",
-        "train.seq_len=32",
-        "train.eval_batches=1",
-        "train.eval_interval=5",
-        "train.log_interval=1",
-        "train.peak_flops_per_device=1e12",
-        "optim.warmup_steps=3",
-        "logging.wandb.mode=disabled",
-        "logging.progress_bar=false",
-        f"run.dir={run_dir}",
-        *extra,
-    ]
+    return small_run_command(
+        data_dir, run_dir, "train.steps=20", "train.eval_interval=5", "optim.warmup_steps=3", *extra
+    )
 
 
 def env() -> dict[str, str]:
