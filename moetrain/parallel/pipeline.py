@@ -110,8 +110,8 @@ def pipeline_forward(pm: ParallelModel, ctx: ParallelContext, tokens_BS: Tensor)
         if s == 0:
             h = chunk(tokens_BS)
         else:
-            shape = _hidden_shape(pm, ctx, tokens_BS)
-            h = torch.empty(shape, device=ctx.device)
+            B, S = tokens_BS.shape
+            h = torch.empty(_hidden_shape(pm, ctx, B, S), device=ctx.device)
             dist.recv(h, group=group, group_src=(s - 1) % pp)
             h = chunk(h)
         if s < num_stages - 1:
@@ -127,10 +127,10 @@ def _stage_tensor(
     cfg = pm.cfg
     if tokens:
         return torch.empty(batch, seq_len, dtype=torch.long, device="meta")
-    shape = (batch, seq_len, cfg.vocab_size) if logits else (batch, seq_len // ctx.dims.tp, cfg.dim)
+    shape = (batch, seq_len, cfg.vocab_size) if logits else _hidden_shape(pm, ctx, batch, seq_len)
     return torch.empty(shape, device="meta", requires_grad=True)  # activations carry gradients
 
 
-def _hidden_shape(pm: ParallelModel, ctx: ParallelContext, tokens_BS: Tensor) -> tuple[int, ...]:
-    B, S = tokens_BS.shape
-    return (B, S // ctx.dims.tp, pm.cfg.dim)
+def _hidden_shape(pm: ParallelModel, ctx: ParallelContext, batch: int, seq_len: int) -> tuple:
+    """Hidden states between stages: this rank's sequence chunk under TP."""
+    return (batch, seq_len // ctx.dims.tp, pm.cfg.dim)

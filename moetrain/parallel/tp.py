@@ -138,16 +138,11 @@ def apply_tp_ends(model: nn.Module, tp_mesh: DeviceMesh, first: bool, last: bool
 
 
 def sync_tp_partial_grads(refs: list[ParamRef], tp_group) -> None:
-    """Sum the gradients of ``params`` over the TP group. Works on FSDP shards (every TP rank
-    holds the same shard; FSDP's reduce-scatter over dp passed the local partial values on) and
-    on gradients DTensor marked ``Partial`` (no FSDP: redistributed to ``Replicate``)."""
+    """Sum the gradients of ``refs`` over the TP group: plain tensors, or FSDP shards (every TP
+    rank holds the same shard; FSDP's reduce-scatter over dp passed the local partial values
+    on)."""
     for module, name in refs:
-        p = getattr(module, name)
-        g = p.grad
+        g = getattr(module, name).grad
         if g is None:
-            continue
-        if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
-            placements = [Replicate() if isinstance(pl, Partial) else pl for pl in g.placements]
-            p.grad = g.redistribute(placements=placements)
             continue
         dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=tp_group)
