@@ -93,6 +93,25 @@ def single_process_context() -> ParallelContext:
     return ParallelContext(ParallelDims(world_size=1), 0, device, None)
 
 
+def _init_default_group(timeout: timedelta) -> None:
+    """``env://`` rendezvous, with every key under a prefix named for the torchelastic restart
+    attempt. torchrun's agent hosts one TCPStore for all attempts of a run (shared with its
+    rendezvous), so without the prefix a restarted worker can read a dead worker's gloo/NCCL
+    address from the attempt before and fail with "Connection refused"."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(default_backend(), timeout=timeout)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(
+        default_backend(),
+        store=dist.PrefixStore(f"moetrain/attempt_{attempt}", store),
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+    )
+
+
 def init_parallel(dims: ParallelDims, timeout_s: float = 600.0) -> ParallelContext:
     """Join (or start) the default process group for ``dims`` and build the meshes. A
     single-process layout starts nothing. ``dims`` is already validated, so a bad layout never
@@ -100,7 +119,7 @@ def init_parallel(dims: ParallelDims, timeout_s: float = 600.0) -> ParallelConte
     if dims.world_size == 1:
         return single_process_context()
     if not dist.is_initialized():
-        dist.init_process_group(default_backend(), timeout=timedelta(seconds=timeout_s))
+        _init_default_group(timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
