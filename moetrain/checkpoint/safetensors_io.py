@@ -1,0 +1,153 @@
+"""Hugging Face hub directories: safetensors weights (one file, or shards with an index) and
+``config.json``.
+
+Weights from outside are read only through safetensors (no pickle). A truncated or corrupted file
+fails with a :class:`~moetrain.checkpoint.native.CheckpointError` naming the file. Writing is
+atomic: the directory is built under a temporary name beside the destination and renamed when
+complete, so an interrupted export never leaves a directory that looks loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from moetrain.checkpoint.native import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """A directory holding ``config.json`` (a Hugging Face model directory)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    file = Path(path) / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: cannot read the model config ({err})") from err
+
+
+def _weight_files(root: Path) -> dict[str, list[str]]:
+    """file name -> tensor names, from the index when there is one."""
+    index = root / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index ({err})") from err
+        files: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(file, []).append(name)
+        return files
+    if (root / SINGLE_FILE).is_file():
+        return {SINGLE_FILE: []}  # every tensor in the file
+    pickled = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
+    hint = (
+        f" (found {', '.join(pickled)}: pickled weights can run code when loaded and are not "
+        "read; re-save them as safetensors with transformers' save_pretrained)"
+        if pickled
+        else ""
+    )
+    raise CheckpointError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Every tensor of a hub directory, by name (its stored dtype)."""
+    root = Path(path)
+    out: dict[str, Tensor] = {}
+    for file, names in _weight_files(root).items():
+        full = root / file
+        if not full.is_file():
+            raise CheckpointError(f"{full}: listed in {INDEX_FILE} but missing")
+        try:
+            with safe_open(str(full), framework="pt") as handle:
+                keys = names or list(handle.keys())
+                for name in keys:
+                    out[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"{full}: not a readable safetensors file, truncated or corrupted? ({err})"
+            ) from err
+    return out
+
+
+def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_hub_dir(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Tensor],
+    config: Mapping[str, Any],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``tensors`` and ``config`` as a hub directory at ``path`` (which must not exist or be
+    empty): ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards of at most
+    ``max_shard_bytes`` (a larger single tensor gets a shard of its own) with
+    ``model.safetensors.index.json``."""
+    dest = Path(path)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise CheckpointError(f"{dest} exists and is not empty; give a new directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        groups = _shards(tensors, max_shard_bytes)
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(groups, start=1):
+            file = (
+                SINGLE_FILE
+                if len(groups) == 1
+                else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            )
+            # safetensors stores contiguous, unshared storage: clone views and tied tensors
+            save_file(
+                {n: tensors[n].detach().contiguous().clone() for n in names},
+                str(tmp / file),
+                metadata={"format": "pt"},
+            )
+            weight_map.update(dict.fromkeys(names, file))
+        if len(groups) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def tensor_dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (config.json's ``dtype``)."""
+    return str(dtype).removeprefix("torch.")
