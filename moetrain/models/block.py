@@ -1,6 +1,6 @@
-"""One decoder layer: pre-norm residual attention, then a dense MLP or an MoE layer.
+"""One decoder layer: pre-norm residual attention (GQA or MLA), then a dense MLP or an MoE layer.
 
-Legend: B sequences, S sequence length, D model dim, d head dim.
+Legend: B sequences, S sequence length, D model dim, d RoPE head dim.
 
 ``h = x + attention(attention_norm(x)); out = h + ffn(ffn_norm(h))``.
 """
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moetrain.models.attention import Attention
+from moetrain.models.attention import Attention, MLAttention
 from moetrain.models.config import ModelConfig
 from moetrain.models.mlp import FeedForward
 from moetrain.models.norms import RMSNorm
@@ -30,7 +30,8 @@ class TransformerBlock(nn.Module):
         # set by moetrain.parallel.parallelize from parallel.activation_checkpointing
         self.activation_checkpointing = False
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention: Attention | MLAttention
+        self.attention = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward: MoELayer | FeedForward
         if cfg.is_moe_layer(layer_id):

@@ -12,6 +12,7 @@ from typing import NoReturn, Optional
 
 from moetrain.moe.config import MoEConfig
 
+ATTENTIONS = ("gqa", "mla")
 ROPE_SCALINGS = ("none", "linear", "yarn")
 QK_NORMS = ("none", "head", "full")
 
@@ -24,16 +25,34 @@ class ModelConfig:
     ``(i - first_k_dense) % moe_layer_freq == 0``; the others use a dense SwiGLU MLP of hidden
     size ``dense_hidden_dim``. ``first_k_dense >= num_layers`` gives a dense model.
 
-    Attention: ``num_heads`` query heads, ``num_kv_heads`` key/value heads (GQA), each of
-    ``head_dim`` (None = ``dim // num_heads``). ``qk_norm``: ``none``; ``head`` = RMSNorm of each
-    q/k head over head_dim (Qwen3); ``full`` = RMSNorm over the whole q projection
-    ``[num_heads * head_dim]`` and the whole k projection ``[num_kv_heads * head_dim]`` (OLMoE).
-    ``sliding_window`` (Mistral): a query attends to at most this many positions, itself included.
+    Attention (``attention``):
+
+    - ``gqa``: ``num_heads`` query heads, ``num_kv_heads`` key/value heads, each of ``head_dim``
+      (None = ``dim // num_heads``), RoPE over the whole head. ``qk_norm``: ``none``; ``head`` =
+      RMSNorm of each q/k head over head_dim (Qwen3); ``full`` = RMSNorm over the whole q
+      projection ``[num_heads * head_dim]`` and the whole k projection
+      ``[num_kv_heads * head_dim]`` (OLMoE).
+    - ``mla``: DeepSeek-V2/V3 multi-head latent attention, ``num_heads`` heads. Queries come from
+      ``dim`` directly (``q_lora_rank`` None, DeepSeek-V2-Lite) or through a normed latent of
+      ``q_lora_rank``; keys and values from a shared normed latent of ``kv_lora_rank``. q/k heads
+      are ``qk_nope_head_dim`` unrotated dims then ``qk_rope_head_dim`` RoPE dims (the RoPE key
+      part is shared by all heads); value heads are ``v_head_dim``. ``rope_interleave``: the
+      projections lay the RoPE dims out in pairs ``(x0, x1), (x2, x3), ...`` (DeepSeek's released
+      weights), de-interleaved before the rotate-half rotation, as ``transformers``'
+      ``rope_interleave``. ``num_kv_heads`` and ``head_dim`` are unused (not validated, except
+      that ``head_dim`` must stay None); ``qkv_bias`` and ``qk_norm`` are rejected.
+
+    ``sliding_window`` (Mistral; both attentions): a query attends to at most this many
+    positions, itself included.
 
     RoPE: ``rope_scaling`` ``none``; ``linear`` (positions divided by ``rope_scaling_factor``);
     ``yarn`` (inverse-frequency blend with ``yarn_beta_fast``/``yarn_beta_slow`` over a context
-    of ``rope_original_max_seq_len`` — None = ``max_seq_len`` — and cos/sin scaled by
-    ``0.1 * ln(factor) + 1``).
+    of ``rope_original_max_seq_len`` — None = ``max_seq_len``). YaRN's attention temperature,
+    with ``m(x) = 0.1 * x * ln(factor) + 1`` (1 when factor <= 1), as ``transformers``'
+    ``mscale``/``mscale_all_dim`` rope parameters (0 = absent): cos/sin are multiplied by
+    ``m(yarn_mscale) / m(yarn_mscale_all_dim)`` when both are nonzero, else by ``m(1)``; MLA also
+    multiplies its softmax scale by ``m(yarn_mscale_all_dim)**2`` when that is nonzero
+    (DeepSeek), GQA does not (Llama). The defaults (1, 0) give ``m(1)`` on cos/sin only.
     """
 
     vocab_size: int = 384
@@ -42,6 +61,13 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: Optional[int] = None
+    attention: str = "gqa"
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_interleave: bool = True
     dense_hidden_dim: int = 256
     max_seq_len: int = 256
     rope_theta: float = 10000.0
@@ -50,6 +76,8 @@ class ModelConfig:
     rope_original_max_seq_len: Optional[int] = None
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
     qkv_bias: bool = False
     qk_norm: str = "none"
     sliding_window: Optional[int] = None
@@ -66,10 +94,15 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field (``model.<field>``)."""
         _positive(
-            self, "vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads",
-            "dense_hidden_dim", "max_seq_len", "moe_layer_freq",
+            self, "vocab_size", "dim", "num_layers", "num_heads", "dense_hidden_dim",
+            "max_seq_len", "moe_layer_freq",
         )  # fmt: skip
-        self._validate_heads()
+        if self.attention not in ATTENTIONS:
+            _fail("attention", f"must be one of {', '.join(ATTENTIONS)}; got {self.attention!r}")
+        if self.attention == "mla":
+            self._validate_mla()
+        else:
+            self._validate_heads()
         self._validate_rope()
         if self.qk_norm not in QK_NORMS:
             _fail("qk_norm", f"must be one of {', '.join(QK_NORMS)}; got {self.qk_norm!r}")
@@ -88,6 +121,7 @@ class ModelConfig:
         self._validate_moe()
 
     def _validate_heads(self) -> None:
+        _positive(self, "num_kv_heads")
         if self.num_heads % self.num_kv_heads:
             _fail(
                 "num_kv_heads",
@@ -105,6 +139,31 @@ class ModelConfig:
             _fail("head_dim", f"must be a positive integer or null, got {self.head_dim!r}")
         if self.head_size % 2:
             _fail("head_dim", f"must be even for RoPE, got {self.head_size}")
+
+    def _validate_mla(self) -> None:
+        _positive(self, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if self.q_lora_rank is not None:
+            _positive(self, "q_lora_rank")
+        if self.qk_rope_head_dim % 2:
+            _fail("qk_rope_head_dim", f"must be even for RoPE, got {self.qk_rope_head_dim}")
+        if self.head_dim is not None:
+            _fail(
+                "head_dim",
+                "is unused with model.attention=mla (head sizes are model.qk_nope_head_dim, "
+                "model.qk_rope_head_dim and model.v_head_dim); set it to null",
+            )
+        if self.qkv_bias:
+            _fail(
+                "qkv_bias",
+                "is not supported with model.attention=mla (DeepSeek's MLA projections have no "
+                "bias); set it to false",
+            )
+        if self.qk_norm != "none":
+            _fail(
+                "qk_norm",
+                f"{self.qk_norm!r} is not supported with model.attention=mla (MLA normalizes its "
+                "q and kv latents instead); set it to none",
+            )
 
     def _validate_rope(self) -> None:
         if not self.rope_theta > 0:
@@ -133,6 +192,16 @@ class ModelConfig:
                 f"needs yarn_beta_fast > yarn_beta_slow > 0, got {self.yarn_beta_fast} and "
                 f"{self.yarn_beta_slow}",
             )
+        for name, default in (("yarn_mscale", 1.0), ("yarn_mscale_all_dim", 0.0)):
+            value = getattr(self, name)
+            if not value >= 0:
+                _fail(name, f"must be >= 0 (0 = off), got {value}")
+            if value != default and self.rope_scaling != "yarn":
+                _fail(
+                    name,
+                    f"applies to model.rope_scaling=yarn only (got {self.rope_scaling!r}); "
+                    f"leave it at {default}",
+                )
 
     def _validate_moe(self) -> None:
         self.moe.validate()
@@ -150,8 +219,25 @@ class ModelConfig:
 
     @property
     def head_size(self) -> int:
-        """The resolved head dimension (``head_dim``, or ``dim // num_heads`` when None)."""
+        """GQA's resolved head dimension (``head_dim``, or ``dim // num_heads`` when None)."""
         return self.head_dim if self.head_dim is not None else self.dim // self.num_heads
+
+    @property
+    def qk_head_size(self) -> int:
+        """The q/k head dimension: ``qk_nope_head_dim + qk_rope_head_dim`` with MLA."""
+        if self.attention == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.head_size
+
+    @property
+    def v_head_size(self) -> int:
+        """The value head dimension: ``v_head_dim`` with MLA."""
+        return self.v_head_dim if self.attention == "mla" else self.head_size
+
+    @property
+    def rope_head_size(self) -> int:
+        """The dims RoPE rotates per head: ``qk_rope_head_dim`` with MLA, the whole head else."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_size
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer ``layer_idx`` (0-based) has an MoE feed-forward."""

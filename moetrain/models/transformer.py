@@ -1,10 +1,11 @@
 """The decoder-only transformer: embeddings -> blocks (dense or MoE) -> norm -> output.
 
-Legend: B sequences, S sequence length, D model dim, V vocabulary, d head dim.
+Legend: B sequences, S sequence length, D model dim, V vocabulary, d RoPE head dim.
 
 Parallelism is applied from outside (``moetrain.parallel``); this module never reads the rank.
-Parameter names (``tok_embeddings``, ``layers.<i>.attention.wq``, ``layers.<i>.feed_forward``,
-``norm``, ``output``) are the keys checkpoints and the HF adapters map.
+Parameter names (``tok_embeddings``, ``layers.<i>.attention.wq`` — MLA's are listed in
+``attention.py`` —, ``layers.<i>.feed_forward``, ``norm``, ``output``) are the keys checkpoints
+and the HF adapters map.
 """
 
 from __future__ import annotations
@@ -114,16 +115,20 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward) at sequence length ``seq_len``.
 
-        ``6 * N + 12 * num_layers * num_heads * head_dim * seq_len`` (PaLM appendix B, nanoGPT's
-        MFU): N = :meth:`num_active_params` without the embedding table (a lookup, no matmul; a
-        tied table still counts once, as the output projection); the second term is the
-        attention scores and the weighted sum of values, without halving for the causal mask;
-        with a sliding window each query attends to at most ``sliding_window`` keys.
+        ``6 * N + 6 * num_layers * num_heads * (qk_head + v_head) * seq_len`` (PaLM appendix B,
+        nanoGPT's MFU): N = :meth:`num_active_params` without the embedding table (a lookup, no
+        matmul; a tied table still counts once, as the output projection); the second term is
+        the attention scores (``q·k`` over the q/k head dim: ``head_dim`` with GQA,
+        ``qk_nope_head_dim + qk_rope_head_dim`` with MLA) and the weighted sum of values (over
+        ``head_dim``, or MLA's ``v_head_dim``), without halving for the causal mask; with a
+        sliding window each query attends to at most ``sliding_window`` keys. GQA's term is
+        ``12 * num_layers * num_heads * head_dim * seq_len``.
         """
         cfg = self.cfg
         matmul_params = self.num_active_params()
         if not cfg.tie_embeddings:
             matmul_params -= self.tok_embeddings.weight.numel()
         keys = min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
-        attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * keys
+        head_dims = cfg.qk_head_size + cfg.v_head_size
+        attention = 6 * cfg.num_layers * cfg.num_heads * head_dims * keys
         return 6 * matmul_params + attention

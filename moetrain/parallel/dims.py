@@ -123,6 +123,13 @@ class ParallelDims:
         num_experts = model.moe.num_experts if model.num_moe_layers else None
         if num_experts is not None and num_experts % self.ep:
             _fail("parallel.ep", f"{self.ep} does not divide model.moe.num_experts={num_experts}")
+        if self.tp > 1 and model.attention == "mla":  # before the GQA head-count checks
+            _fail(
+                "model.attention",
+                f"'mla' does not support tensor parallelism (parallel.tp={self.tp}); use "
+                "parallel.tp=1 (shard with parallel.dp_shard, parallel.ep, parallel.pp instead) "
+                "or model.attention=gqa",
+            )
         divisible_by_tp = {
             "model.num_heads": model.num_heads,
             "model.num_kv_heads": model.num_kv_heads,

@@ -38,6 +38,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from moetrain.models.attention import Attention
 from moetrain.models.block import TransformerBlock
 from moetrain.moe.layer import MoELayer
 
@@ -88,13 +89,21 @@ def tp_partial_params(block: TransformerBlock) -> list[ParamRef]:
         modules.append(ffn.router)
         if ffn.shared_experts is not None:
             modules.append(ffn.shared_experts)
-    if block.attention.qk_norm == "head":
-        modules += [block.attention.q_norm, block.attention.k_norm]
+    attn = block.attention
+    if isinstance(attn, Attention) and attn.qk_norm == "head":
+        modules += [attn.q_norm, attn.k_norm]
     return [(m, name) for m in modules for name, _ in m.named_parameters(recurse=False)]
 
 
 def apply_tp_block(block: TransformerBlock, tp_mesh: DeviceMesh, etp: int) -> None:
-    """Shard one decoder block over ``tp_mesh`` (sequence parallel between sub-layers)."""
+    """Shard one decoder block over ``tp_mesh`` (sequence parallel between sub-layers).
+
+    Raises ``ValueError`` for an MLA block (config validation rejects ``parallel.tp > 1`` with
+    ``model.attention=mla`` first; this guards direct callers)."""
+    if not isinstance(block.attention, Attention):
+        raise ValueError(
+            "model.attention: 'mla' does not support tensor parallelism; use parallel.tp=1"
+        )
     plan: dict = {
         "attention_norm": SequenceParallel(),
         "attention": PrepareModuleInput(

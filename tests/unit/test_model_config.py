@@ -94,7 +94,7 @@ PRESET_PARAMS = {
     "mixtral_8x7b": (46.70e9, 12.88e9),
     "olmoe_1b7b": (6.92e9, 1.282e9),
     "qwen3_30b_a3b": (30.53e9, 3.35e9),
-    "deepseek_v3": (688.3e9, 54.8e9),  # GQA stands in for MLA: see the file's header
+    "deepseek_v3": (671.03e9, 37.55e9),  # = transformers' DeepseekV3ForCausalLM (no MTP)
 }
 
 
