@@ -32,5 +32,10 @@ setup(
         "wandb>=0.19",
     ],
     extras_require={"test": TEST, "dev": DEV, "bench": BENCH},
-    entry_points={"console_scripts": ["moetrain-train = moetrain.train.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "moetrain-train = moetrain.train.cli:main",
+            "moetrain-convert = moetrain.checkpoint.convert:main",
+        ]
+    },
 )

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -35,6 +35,9 @@ from moetrain.checkpoint.safetensors_io import (
 )
 from moetrain.models.config import ModelConfig
 from moetrain.moe.config import MoEConfig
+
+if TYPE_CHECKING:
+    from moetrain.models import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -121,28 +124,22 @@ def _rope_from_hf(hf: Mapping[str, Any], arch: Arch) -> dict[str, Any]:
     if kind == "linear":
         return {**out, "rope_scaling": "linear", "rope_scaling_factor": float(rope["factor"])}
     if kind == "yarn":
-        extra = {
-            k: rope[k] for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k)
-        }
-        if arch.name == "deepseek_v3":
-            extra.pop("mscale", None)
-            extra.pop("mscale_all_dim", None)
-        if extra or rope.get("truncate", True) is not True:
+        if rope.get("attention_factor") is not None or rope.get("truncate", True) is not True:
             raise CheckpointError(
-                f"rope_parameters: YaRN with {extra or {'truncate': rope.get('truncate')}} is "
+                "rope_parameters: YaRN with an explicit attention_factor or truncate=false is "
                 "not supported by moetrain's YaRN (model.rope_scaling=yarn)"
             )
-        out.update(
-            rope_scaling="yarn",
-            rope_scaling_factor=float(rope["factor"]),
-            rope_original_max_seq_len=int(rope["original_max_position_embeddings"]),
-            yarn_beta_fast=float(rope.get("beta_fast") or 32.0),
-            yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
-        )
-        if arch.name == "deepseek_v3":
-            out["yarn_mscale"] = float(rope.get("mscale") or 1.0)
-            out["yarn_mscale_all_dim"] = float(rope.get("mscale_all_dim") or 0.0)
-        return out
+        return {
+            **out,
+            "rope_scaling": "yarn",
+            "rope_scaling_factor": float(rope["factor"]),
+            "rope_original_max_seq_len": int(rope["original_max_position_embeddings"]),
+            "yarn_beta_fast": float(rope.get("beta_fast") or 32.0),
+            "yarn_beta_slow": float(rope.get("beta_slow") or 1.0),
+            # absent = 0, as transformers tests them for truthiness
+            "yarn_mscale": float(rope.get("mscale") or 0.0),
+            "yarn_mscale_all_dim": float(rope.get("mscale_all_dim") or 0.0),
+        }
     raise CheckpointError(
         f"rope_parameters.rope_type={kind!r} is not supported; moetrain has default, linear, yarn"
     )
@@ -221,7 +218,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> tuple[Arch, ModelConfig]:
         _hf_get(hf, "num_local_experts", "num_experts", "n_routed_experts", default=8)
     )
     expert_hidden = int(_hf_get(hf, "moe_intermediate_size", "intermediate_size"))
-    moe = dict(
+    moe: dict[str, Any] = dict(
         num_experts=num_experts,
         top_k=min(int(hf.get("num_experts_per_tok", 2)), num_experts),
         dim=D,
@@ -251,8 +248,6 @@ def config_from_hf(hf: Mapping[str, Any]) -> tuple[Arch, ModelConfig]:
             aux_loss_coeff=0.0001,
             aux_loss_scope="sequence",
         )
-        if moe["num_shared_experts"]:
-            moe["shared_hidden_dim"] = expert_hidden * moe["num_shared_experts"]
     head_dim = hf.get("head_dim")
     if arch.name == "deepseek_v3" or (head_dim is not None and D % H == 0 and head_dim == D // H):
         head_dim = None  # the default (dim // num_heads); MLA has its own head dims
@@ -298,7 +293,7 @@ def _fits(arch: Arch, cfg: ModelConfig) -> list[str]:
     """What in ``cfg`` the architecture cannot express (empty: it fits)."""
     m = cfg.moe
     bad: list[str] = []
-    mla = getattr(cfg, "attention", "gqa") == "mla"
+    mla = cfg.attention == "mla"
     if mla != (arch.name == "deepseek_v3"):
         bad.append(
             f"model.attention={'mla' if mla else 'gqa'} ({arch.name} uses "
@@ -310,9 +305,6 @@ def _fits(arch: Arch, cfg: ModelConfig) -> list[str]:
         bad.append(f"model.qkv_bias=true ({arch.name} has no q/k/v bias)")
     if cfg.sliding_window is not None and arch.name not in ("mistral", "mixtral", "qwen2"):
         bad.append(f"model.sliding_window={cfg.sliding_window} ({arch.name} has none)")
-    mscale = cfg.rope_scaling == "yarn" and getattr(cfg, "yarn_mscale_all_dim", 0.0)
-    if mscale and arch.name != "deepseek_v3":
-        bad.append("model.yarn_mscale_all_dim (DeepSeek-V3 only)")
     if not arch.moe:
         if cfg.num_moe_layers:
             bad.append(f"{cfg.num_moe_layers} MoE layers ({arch.name} is a dense architecture)")
@@ -379,8 +371,10 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             beta_fast=cfg.yarn_beta_fast,
             beta_slow=cfg.yarn_beta_slow,
         )
-        if getattr(cfg, "yarn_mscale_all_dim", 0.0):
-            rope.update(mscale=cfg.yarn_mscale, mscale_all_dim=cfg.yarn_mscale_all_dim)
+        if cfg.yarn_mscale:
+            rope["mscale"] = cfg.yarn_mscale
+        if cfg.yarn_mscale_all_dim:
+            rope["mscale_all_dim"] = cfg.yarn_mscale_all_dim
     return rope
 
 
@@ -454,6 +448,9 @@ def config_to_hf(cfg: ModelConfig, arch_name: str, dtype: torch.dtype) -> dict[s
                 v_head_dim=cfg.v_head_dim,
                 rope_interleave=cfg.rope_interleave,
                 attention_bias=False,
+                # MLA has a key and a value per head; transformers' eager attention would
+                # repeat them num_heads / num_key_value_heads times
+                num_key_value_heads=cfg.num_heads,
             )
         elif arch.name == "olmoe":  # no dense layers: intermediate_size is the experts'
             fields.update(num_experts=m.num_experts, intermediate_size=m.hidden_dim)
@@ -515,7 +512,7 @@ class _Rule:
 def _rules(cfg: ModelConfig, arch: Arch, names: list[str]) -> list[_Rule]:
     """The mapping for every name of a moetrain state dict (``names``)."""
     rules: list[_Rule] = []
-    attn = _MLA if getattr(cfg, "attention", "gqa") == "mla" else _ATTN
+    attn = _MLA if cfg.attention == "mla" else _ATTN
     for name in names:
         if name == "tok_embeddings.weight":
             rules.append(_Rule(name, ["model.embed_tokens.weight"]))
@@ -659,7 +656,7 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
 # ------------------------------------------------------------------------------ the public API
 
 
-def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Transformer:
     """An eval-ready :class:`moetrain.models.Transformer` from a hub directory."""
     from moetrain.models import Transformer
 
@@ -673,36 +670,79 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval()
 
 
+# what init_from needs to equal between the run's model config and the hub config: everything
+# that decides a tensor's shape or what the model computes with it (routing options such as
+# top_k, capacity or aux losses are the run's to choose)
+_SAME_FOR_INIT = (
+    "vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_size",
+    "dense_hidden_dim", "rope_theta", "rope_scaling", "rope_scaling_factor", "qkv_bias",
+    "qk_norm", "sliding_window", "norm_eps", "tie_embeddings", "first_k_dense",
+    "moe_layer_freq", "attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "rope_interleave",
+)  # fmt: skip
+_SAME_FOR_INIT_MOE = (
+    "num_experts", "hidden_dim", "activation", "score_func", "num_shared_experts",
+    "shared_hidden", "shared_gate",
+)  # fmt: skip
+
+
+def _init_mismatch(run: ModelConfig, hub: ModelConfig) -> list[str]:
+    bad = [
+        f"model.{k}: {getattr(run, k)!r} here, {getattr(hub, k)!r} in the checkpoint"
+        for k in _SAME_FOR_INIT
+        if getattr(run, k, None) != getattr(hub, k, None)
+    ]
+    if run.num_moe_layers:
+        bad += [
+            f"model.moe.{k}: {getattr(run.moe, k)!r} here, {getattr(hub.moe, k)!r} in the "
+            "checkpoint"
+            for k in _SAME_FOR_INIT_MOE
+            if getattr(run.moe, k) != getattr(hub.moe, k)
+        ]
+    return bad
+
+
 def load_hf_weights(path: str | os.PathLike, model: torch.nn.Module, cfg: ModelConfig) -> None:
-    """``checkpoint.init_from`` for a hub directory: copy its weights into ``model`` (whose
-    config must have the hub model's shapes)."""
-    arch, _ = config_from_hf(read_config(path))
-    state = state_from_hf(read_tensors(path), cfg, arch.name)
-    own = model.state_dict()
-    mismatch = [n for n in own if n in state and own[n].shape != state[n].shape]
-    if mismatch:
+    """``checkpoint.init_from`` for a hub directory: its weights into ``model`` — a model of
+    ``cfg`` at any layout (FSDP/EP/TP shards, or one pipeline stage's layers under the full
+    model's names); ``cfg`` must describe the same network as the hub's ``config.json``."""
+    arch, hub_cfg = config_from_hf(read_config(path))
+    bad = _init_mismatch(cfg, hub_cfg)
+    if bad:
         raise CheckpointError(
-            f"checkpoint.init_from: {mismatch[0]} has shape {tuple(state[mismatch[0]].shape)} in "
-            f"{path}, {tuple(own[mismatch[0]].shape)} in this model; make model.* match the "
-            "Hugging Face config"
+            f"checkpoint.init_from: {path} is a different model: "
+            + "; ".join(bad)
+            + " (set model.* to match, e.g. start from the config moetrain-convert prints)"
         )
+    state = state_from_hf(read_tensors(path), cfg, arch.name)
     _copy_into(model, state)
 
 
 def _copy_into(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """Full tensors into a model whose parameters may be DTensor shards."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
+    with torch.no_grad():
+        for name, target in model.state_dict(keep_vars=True).items():
+            full = state[name].to(dtype=target.dtype)
+            if isinstance(target, DTensor):
+                local = distribute_tensor(
+                    full.to(target.device), target.device_mesh, target.placements,
+                    src_data_rank=None,
+                ).to_local()  # fmt: skip
+                target.to_local().copy_(local)
+            else:
+                target.copy_(full)
 
 
 def save_hf(
-    model: torch.nn.Module,
+    model: Transformer,
     path: str | os.PathLike,
     arch_name: str,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Export a single-process moetrain model as a hub directory of ``arch_name``."""
-    cfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    cfg = model.cfg
     state = model.state_dict()
     dtype = next(iter(state.values())).dtype
     config = config_to_hf(cfg, arch_name, dtype)

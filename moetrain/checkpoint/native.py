@@ -20,6 +20,7 @@ trust.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+if TYPE_CHECKING:
+    from moetrain.models import Transformer
+
 CHECKSUMS = "checksums.json"
 TRAIN_STATE = "train_state.json"
 LATEST = "latest"
@@ -54,6 +58,15 @@ class CheckpointError(ValueError):
 
 def step_dir_name(step: int) -> str:
     return f"{step:08d}"
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """torch warns that a distributed-checkpoint call without a process group "assumes the intent
+    is to save/load in a single process": in a single process that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier() -> None:
@@ -228,6 +241,11 @@ def load(
     why = verify(path)
     if why is not None:
         raise CheckpointError(f"checkpoint.resume: {why}")
+    if optimizer is not None and json.loads((path / TRAIN_STATE).read_text()).get("weights_only"):
+        raise CheckpointError(
+            f"checkpoint.resume: {path} holds model weights only (no optimizer or data state; "
+            "written by moetrain-convert); start from it with checkpoint.init_from instead"
+        )
     state, param_groups = app_state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     if optimizer is None:
@@ -254,25 +272,66 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     if why is not None:
         raise CheckpointError(f"checkpoint.init_from: {why}")
     state = {"model": get_model_state_dict(model, options=StateDictOptions())}
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
 
 
-def load_model(path: str | os.PathLike) -> nn.Module:
-    """An eval-ready :class:`moetrain.models.Transformer` from a native checkpoint directory
-    saved at any layout (no process group needed): ``model(tokens_BS) -> logits_BSV``."""
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from ``path``: itself, or for a run directory (or its
+    ``checkpoints/``) the newest complete checkpoint in it."""
+    root = Path(path)
+    for checkpoints in (root / "checkpoints", root):
+        if not (root / TRAIN_STATE).is_file() and checkpoints.is_dir():
+            latest = find_latest(checkpoints)
+            if latest is not None:
+                return latest
+    return root
+
+
+def load_model(path: str | os.PathLike) -> Transformer:
+    """An eval-ready :class:`moetrain.models.Transformer` from a native checkpoint saved at any
+    layout (a step directory, or a run directory: its newest complete checkpoint), or from a
+    Hugging Face hub directory (``config.json`` + safetensors). No process group needed:
+    ``model(tokens_BS) -> logits_BSV``."""
     from omegaconf import OmegaConf
 
     from moetrain.models import ModelConfig, Transformer
 
-    ckpt = Path(path)
-    if (ckpt / "config.json").is_file():
-        raise CheckpointError(
-            f"{ckpt} is a Hugging Face directory; loading those comes with the Hugging Face "
-            "adapters — give a native checkpoint (<run.dir>/checkpoints/<step>)"
-        )
+    if (Path(path) / "config.json").is_file():
+        from moetrain.checkpoint.hf import load_hf
+
+        return load_hf(path)
+    ckpt = resolve(path)
     state = read_train_state(ckpt)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), state["config"]["model"])
     model = Transformer(OmegaConf.to_object(model_cfg))  # type: ignore[arg-type]
     load_model_weights(ckpt, model)
     return model.eval()
+
+
+def save_model(model: Transformer, path: str | os.PathLike) -> Path:
+    """Write a single-process model as a weights-only native checkpoint at ``path`` (a new
+    directory): what ``checkpoint.init_from`` and :func:`load_model` read, with the model config
+    in ``train_state.json``. Atomic like :func:`save`: built under a temporary name, renamed."""
+    import dataclasses
+
+    dest = Path(path)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise CheckpointError(f"{dest} exists and is not empty; give a new directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f"{TMP_PREFIX}{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _single_process_ok():
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
+        cfg = dataclasses.asdict(model.cfg)
+        _write_json(tmp / TRAIN_STATE, {"step": 0, "weights_only": True, "config": {"model": cfg}})
+        _write_json(tmp / CHECKSUMS, {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)})
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

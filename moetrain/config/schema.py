@@ -69,7 +69,8 @@ class ParallelConfig:
 class CheckpointConfig:
     interval: int = 0  # steps between checkpoints (and one at the end); 0 = no checkpoints
     resume: str = "auto"  # auto (newest complete one in run.dir) | never | a checkpoint directory
-    init_from: Optional[str] = None  # a native checkpoint directory: model weights only
+    # model weights only: a native checkpoint (step or run directory) or a Hugging Face directory
+    init_from: Optional[str] = None
     keep_last: int = 3  # checkpoints kept (older ones deleted); 0 = keep all
 
 

@@ -163,12 +163,5 @@ def _validate_checkpoint(cfg: Config) -> None:
             f"{c.resume!r} is neither auto, never nor a checkpoint directory "
             "(<run.dir>/checkpoints/<step>)",
         )
-    if c.init_from is not None:
-        if not os.path.isdir(c.init_from):
-            _fail("checkpoint.init_from", f"{c.init_from!r} is not a directory")
-        if os.path.isfile(os.path.join(c.init_from, "config.json")):
-            _fail(
-                "checkpoint.init_from",
-                f"{c.init_from!r} is a Hugging Face directory; importing those comes with the "
-                "Hugging Face adapters — give a native checkpoint (<run.dir>/checkpoints/<step>)",
-            )
+    if c.init_from is not None and not os.path.isdir(c.init_from):
+        _fail("checkpoint.init_from", f"{c.init_from!r} is not a directory")

@@ -25,7 +25,9 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from moetrain import checkpoint
-from moetrain.checkpoint.native import load_model_weights
+from moetrain.checkpoint.hf import load_hf_weights
+from moetrain.checkpoint.native import load_model_weights, resolve
+from moetrain.checkpoint.safetensors_io import is_hf_dir
 from moetrain.config.schema import Config
 from moetrain.config.validate import parallel_dims
 from moetrain.data import BatchIterator, ShuffledSampler, build_datasets, build_tokenizer
@@ -96,7 +98,11 @@ class Trainer:
         self.params = self.pm.parameters()
         self.state_module = self.pm.state_module()
         if cfg.checkpoint.init_from:  # weights only; a fresh run otherwise
-            load_model_weights(Path(cfg.checkpoint.init_from), self.state_module)
+            init_from = Path(cfg.checkpoint.init_from)
+            if is_hf_dir(init_from):
+                load_hf_weights(init_from, self.state_module, cfg.model)
+            else:
+                load_model_weights(resolve(init_from), self.state_module)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.schedule = None

@@ -63,7 +63,8 @@ def test_load_model_from_a_4_rank_checkpoint(data_dir, tmp_path):
     from moetrain.data import WindowDataset
     from moetrain.data.dataset import TokenSource
 
-    saved = run(4, data_dir, ["parallel.ep=2"], 3, str(tmp_path / "a"), at=3)
+    # per-head qk-norm makes tiny a Qwen3-MoE, so the checkpoint also exports to the hub
+    saved = run(4, data_dir, ["parallel.ep=2", "model.qk_norm=head"], 3, str(tmp_path / "a"), at=3)
     model = moetrain.load_model(tmp_path / "a" / "checkpoints" / "00000003")
     source = TokenSource(data_dir)
     _, val_tokens = source.split(0.05)
@@ -72,3 +73,41 @@ def test_load_model_from_a_4_rank_checkpoint(data_dir, tmp_path):
         logits = model(inputs)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
     assert loss == pytest.approx(saved["val_loss"], rel=1e-5)
+    # and moetrain-convert turns the 4-rank checkpoint into a Qwen3-MoE hub directory that
+    # transformers loads (--verify compares its logits)
+    from moetrain.checkpoint.convert import main as convert
+
+    out = tmp_path / "hf"
+    args = ["--from", str(tmp_path / "a"), "--to", str(out), "--format", "hf", "--verify"]
+    assert convert(args) == 0
+    back = moetrain.load_model(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+@pytest.mark.timeout(400)
+def test_init_from_hugging_face_at_any_layout(data_dir, tmp_path):
+    """checkpoint.init_from=<HF dir> at ep2 on 4 ranks and at pp2 x tp2 trains exactly as one
+    process started from the same weights in a native checkpoint."""
+    import torch
+
+    from moetrain.checkpoint.hf import save_hf
+    from moetrain.checkpoint.native import save_model
+    from moetrain.models import Transformer
+    from moetrain.testing.layouts import layout_config
+
+    qwen3 = ["model.qk_norm=head"]  # tiny with per-head qk-norm: a Qwen3-MoE
+    torch.manual_seed(123)
+    model = Transformer(layout_config(data_dir, qwen3).model)
+    with torch.no_grad():  # logits far from uniform: a start from these weights shows in the loss
+        model.output.weight.mul_(50)
+    save_hf(model, tmp_path / "hf", "qwen3_moe")
+    save_model(model, tmp_path / "native")
+    ref = run(1, data_dir, [*qwen3, f"checkpoint.init_from={tmp_path / 'native'}"], 2, None)
+    fresh = run(1, data_dir, qwen3, 1, None)
+    assert abs(fresh["loss"][0] - ref["loss"][0]) > 0.5
+    for world, layout in ((4, ["parallel.ep=2"]), (4, ["parallel.pp=2", "parallel.tp=2"])):
+        got = run(
+            world, data_dir, [*qwen3, *layout, f"checkpoint.init_from={tmp_path / 'hf'}"], 2, None
+        )
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), layout

@@ -51,6 +51,33 @@ CONFIGS = {
         intermediate_size=48,
     ),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=24),
+    "deepseek_v3": dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=48,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        num_key_value_heads=4,
+        num_nextn_predict_layers=0,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+        },
+    ),
     "llama": dict(intermediate_size=48, rope_parameters={"rope_type": "linear", "factor": 2.0}),
     "mistral": dict(intermediate_size=48, sliding_window=5, head_dim=16),
     "qwen2": dict(intermediate_size=48, tie_word_embeddings=True),
@@ -63,8 +90,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     projections to 0)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if not p.is_floating_point() or "inv_freq" in name:
+                continue
+            if "e_score_correction_bias" in name:  # DeepSeek-V3's routing bias: order-1 values
+                p.copy_(torch.rand(p.shape, generator=gen))
+            elif p.dim() == 1 and ("norm" in name or "layernorm" in name):
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
@@ -143,6 +174,25 @@ MOETRAIN_MODELS = {
     ),
     "qwen3_moe": dict(qk_norm="head", moe_layer_freq=2, head_dim=16),
     "olmoe": dict(qk_norm="full", moe=dict(norm_topk_prob=False)),
+    "deepseek_v3": dict(
+        attention="mla",
+        num_kv_heads=4,  # MLA: one key and value per head
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        first_k_dense=1,
+        moe=dict(
+            score_func="sigmoid",
+            num_groups=2,
+            topk_groups=1,
+            routed_scaling_factor=2.0,
+            num_shared_experts=1,
+            bias_update_rate=0.001,
+            aux_loss_coeff=0.0001,
+            aux_loss_scope="sequence",
+        ),
+    ),
 }
 
 
@@ -150,6 +200,9 @@ MOETRAIN_MODELS = {
 def test_moetrain_to_hub_to_moetrain_is_bit_identical(arch, tmp_path):
     torch.manual_seed(0)
     ours = Transformer(moe_cfg(**MOETRAIN_MODELS[arch])).eval()
+    if ours.cfg.moe.bias_update_rate is not None:  # a trained aux-loss-free bias (deepseek_v3)
+        for layer in ours.moe_layers():
+            layer.router.expert_bias_E.uniform_(-0.5, 0.5)
     assert arch_of(ours.cfg) == arch
     save_hf(ours, tmp_path / "hf", arch)
     back = load_hf(tmp_path / "hf")

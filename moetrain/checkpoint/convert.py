@@ -1,0 +1,120 @@
+"""``moetrain-convert``: native <-> Hugging Face checkpoints, without a process group.
+
+    moetrain-convert --from SRC --to DST --format native|hf [--arch ARCH] [--verify]
+
+SRC is a native checkpoint saved at any layout (a step directory, or a run directory: its newest
+complete checkpoint) or a Hugging Face hub directory. ``--format hf`` writes the hub layout of
+``--arch`` (default: the first MoE architecture that expresses the model); ``--format native``
+writes a weights-only native checkpoint for ``checkpoint.init_from`` and ``moetrain.load_model``.
+``--verify`` reloads DST and compares its logits with the source's on a fixed input (and, for
+``hf``, those of ``transformers``' own model); on a mismatch DST is removed and the exit status
+is 1. Errors a user can cause print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from moetrain.checkpoint.hf import ARCHS, ExportError, arch_of, save_hf
+from moetrain.checkpoint.native import CheckpointError, load_model, save_model
+from moetrain.models import Transformer
+
+VERIFY_ATOL = 1e-5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="moetrain-convert", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument("--from", dest="src", required=True, help="native or HF directory")
+    parser.add_argument("--to", dest="dst", required=True, help="a new directory")
+    parser.add_argument("--format", required=True, choices=("native", "hf"))
+    parser.add_argument("--arch", choices=sorted(ARCHS), help="HF architecture (--format hf)")
+    parser.add_argument(
+        "--max-shard-size", type=float, default=5.0, help="HF shard size in GiB (default 5)"
+    )
+    parser.add_argument("--verify", action="store_true", help="compare logits before finishing")
+    return parser.parse_args(argv)
+
+
+def verification_input(vocab_size: int, max_seq_len: int) -> torch.Tensor:
+    """The fixed input ``--verify`` runs: 2 sequences of up to 32 tokens (seed 0)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (2, min(32, max_seq_len)), generator=gen)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def verify(model: Transformer, dst: Path, fmt: str) -> list[str]:
+    """Problems found comparing ``model`` with what was written at ``dst`` (empty: it matches).
+    Prints each comparison."""
+    cfg = model.cfg
+    tokens = verification_input(cfg.vocab_size, cfg.max_seq_len)
+    with torch.no_grad():
+        want = model(tokens)
+        reloaded = load_model(dst)
+        checks = {"moetrain reload": reloaded(tokens)}
+        if fmt == "hf":
+            import transformers
+
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(
+                dst, attn_implementation="eager", dtype=torch.float32
+            ).eval()
+            checks["transformers"] = theirs(input_ids=tokens).logits
+    problems = []
+    for name, got in checks.items():
+        diff = _max_diff(got, want)
+        print(f"verify: {name}: max |logit difference| = {diff:.3g} (tolerance {VERIFY_ATOL})")
+        if not diff <= VERIFY_ATOL:
+            problems.append(f"{name} logits differ by {diff:.3g}")
+    return problems
+
+
+def convert(args: argparse.Namespace) -> int:
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.is_dir():
+        raise CheckpointError(f"--from: {src} is not a directory")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"--to: {dst} exists and is not empty; give a new directory")
+    if args.arch and args.format != "hf":
+        raise CheckpointError("--arch applies to --format hf only")
+    model = load_model(src)
+    if args.format == "hf":
+        arch = args.arch or arch_of(model.cfg)
+        save_hf(model, dst, arch, max_shard_bytes=int(args.max_shard_size * 2**30))
+        print(f"wrote {dst} ({arch}, Hugging Face hub layout)")
+    else:
+        save_model(model, dst)
+        print(f"wrote {dst} (native, weights only)")
+    if args.verify:
+        problems = verify(model, dst, args.format)
+        if problems:
+            shutil.rmtree(dst)
+            print(
+                f"moetrain-convert: error: verification failed ({'; '.join(problems)}); "
+                f"removed {dst}",
+                file=sys.stderr,
+            )
+            return 1
+        print("verify: ok")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return convert(args)
+    except (CheckpointError, ExportError) as err:
+        print(f"moetrain-convert: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
