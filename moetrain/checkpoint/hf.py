@@ -229,12 +229,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> tuple[Arch, ModelConfig]:
     )
     if arch.name == "mixtral":
         moe["norm_topk_prob"] = True  # softmax over all experts, renormalized over the top k
-    if arch.name == "qwen2_moe":
-        moe.update(
-            num_shared_experts=1,
-            shared_hidden_dim=int(hf["shared_expert_intermediate_size"]),
-            shared_gate=True,
-        )
+    shared_size = int(hf.get("shared_expert_intermediate_size") or 0)
+    if arch.name == "qwen2_moe" and shared_size:  # size 0: no shared expert (empty tensors)
+        moe.update(num_shared_experts=1, shared_hidden_dim=shared_size, shared_gate=True)
     if arch.name == "deepseek_v3":
         moe.update(
             score_func="sigmoid",
@@ -343,10 +340,14 @@ def _fits(arch: Arch, cfg: ModelConfig) -> list[str]:
         bad.append("model.moe.norm_topk_prob=false (Mixtral renormalizes the top-k weights)")
     if arch.shared is None and m.num_shared_experts:
         bad.append(f"model.moe.num_shared_experts={m.num_shared_experts} ({arch.name} has none)")
-    if arch.name == "qwen2_moe" and (m.num_shared_experts != 1 or not m.shared_gate):
+    if (
+        arch.name == "qwen2_moe"
+        and m.num_shared_experts
+        and (m.num_shared_experts != 1 or not m.shared_gate)
+    ):
         bad.append(
-            "qwen2_moe has exactly one gated shared expert (model.moe.num_shared_experts=1, "
-            f"shared_gate=true); got {m.num_shared_experts}, shared_gate={m.shared_gate}"
+            "qwen2_moe has one gated shared expert or none (model.moe.num_shared_experts=1 with "
+            f"shared_gate=true, or 0); got {m.num_shared_experts}, shared_gate={m.shared_gate}"
         )
     if arch.name == "deepseek_v3":
         if m.shared_gate:
@@ -461,8 +462,10 @@ def config_to_hf(cfg: ModelConfig, arch_name: str, dtype: torch.dtype) -> dict[s
                     decoder_sparse_step=1,
                     mlp_only_layers=[i for i, moe in enumerate(moe_layers) if not moe],
                 )
-            if arch.name == "qwen2_moe":
-                fields["shared_expert_intermediate_size"] = m.shared_hidden
+            if arch.name == "qwen2_moe":  # 0: no shared expert
+                fields["shared_expert_intermediate_size"] = (
+                    m.shared_hidden if m.num_shared_experts else 0
+                )
     config = transformers.AutoConfig.for_model(arch.name, **fields)
     return config.to_dict()
 
@@ -593,6 +596,23 @@ def state_to_hf(state: Mapping[str, Tensor], cfg: ModelConfig, arch_name: str) -
             out.update(zip(rule.theirs, tensor.unbind(0)))
         else:
             out[rule.theirs[0]] = tensor
+    if arch.name == "qwen2_moe" and not cfg.moe.num_shared_experts:
+        out.update(_empty_shared_expert(cfg, state))
+    return out
+
+
+def _empty_shared_expert(cfg: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Qwen2-MoE always has a shared expert: "none" is one of size 0 (its gate is unused)."""
+    like = state["tok_embeddings.weight"]
+    D = cfg.dim
+    out = {}
+    for i in range(cfg.num_layers):
+        if cfg.is_moe_layer(i):
+            pre = f"model.layers.{i}.mlp.shared_expert"
+            out[f"{pre}.gate_proj.weight"] = like.new_zeros(0, D)
+            out[f"{pre}.up_proj.weight"] = like.new_zeros(0, D)
+            out[f"{pre}.down_proj.weight"] = like.new_zeros(D, 0)
+            out[f"{pre}_gate.weight"] = like.new_zeros(1, D)
     return out
 
 
@@ -634,7 +654,7 @@ def state_from_hf(
             out[name] = torch.zeros(ref.shape, dtype=ref.dtype)
     if cfg.tie_embeddings and "output.weight" in reference:
         out["output.weight"] = out["tok_embeddings.weight"]
-    unused = sorted(n for n in hf_state if n not in used and not _ignorable(n, cfg))
+    unused = sorted(n for n in hf_state if n not in used and not _ignorable(n, cfg, arch))
     if unused:
         raise CheckpointError(
             f"the {arch.name} checkpoint has {len(unused)} tensor(s) moetrain would not use, "
@@ -643,9 +663,11 @@ def state_from_hf(
     return out
 
 
-def _ignorable(name: str, cfg: ModelConfig) -> bool:
+def _ignorable(name: str, cfg: ModelConfig, arch: Arch) -> bool:
     if name.endswith("rotary_emb.inv_freq"):
         return True
+    if arch.name == "qwen2_moe" and not cfg.moe.num_shared_experts and ".shared_expert" in name:
+        return True  # the size-0 shared expert and its gate
     if cfg.tie_embeddings and name == "lm_head.weight":
         return True
     match = re.match(r"model\.layers\.(\d+)\.", name)
