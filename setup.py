@@ -36,6 +36,7 @@ setup(
         "console_scripts": [
             "moetrain-train = moetrain.train.cli:main",
             "moetrain-convert = moetrain.checkpoint.convert:main",
+            "moetrain-upcycle = moetrain.checkpoint.upcycle:main",
         ]
     },
 )

@@ -762,13 +762,16 @@ def save_hf(
     path: str | os.PathLike,
     arch_name: str,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Export a single-process moetrain model as a hub directory of ``arch_name``."""
     cfg = model.cfg
     state = model.state_dict()
     dtype = next(iter(state.values())).dtype
     config = config_to_hf(cfg, arch_name, dtype)
-    return write_hub_dir(path, state_to_hf(state, cfg, arch_name), config, max_shard_bytes)
+    return write_hub_dir(
+        path, state_to_hf(state, cfg, arch_name), config, max_shard_bytes, extra_files
+    )
 
 
 def arch_of(cfg: ModelConfig) -> str:

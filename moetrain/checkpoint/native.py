@@ -310,10 +310,13 @@ def load_model(path: str | os.PathLike) -> Transformer:
     return model.eval()
 
 
-def save_model(model: Transformer, path: str | os.PathLike) -> Path:
+def save_model(
+    model: Transformer, path: str | os.PathLike, extra_files: dict[str, str] | None = None
+) -> Path:
     """Write a single-process model as a weights-only native checkpoint at ``path`` (a new
     directory): what ``checkpoint.init_from`` and :func:`load_model` read, with the model config
-    in ``train_state.json``. Atomic like :func:`save`: built under a temporary name, renamed."""
+    in ``train_state.json`` (``extra_files``: more text files, relative path -> text, covered by
+    the checksums). Atomic like :func:`save`: built under a temporary name, renamed."""
     import dataclasses
 
     dest = Path(path)
@@ -327,6 +330,9 @@ def save_model(model: Transformer, path: str | os.PathLike) -> Path:
             dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
         cfg = dataclasses.asdict(model.cfg)
         _write_json(tmp / TRAIN_STATE, {"step": 0, "weights_only": True, "config": {"model": cfg}})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text)
         _write_json(tmp / CHECKSUMS, {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)})
         if dest.exists():
             dest.rmdir()

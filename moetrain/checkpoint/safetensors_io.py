@@ -103,11 +103,13 @@ def write_hub_dir(
     tensors: Mapping[str, Tensor],
     config: Mapping[str, Any],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``tensors`` and ``config`` as a hub directory at ``path`` (which must not exist or be
     empty): ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards of at most
     ``max_shard_bytes`` (a larger single tensor gets a shard of its own) with
-    ``model.safetensors.index.json``."""
+    ``model.safetensors.index.json``; ``extra_files``: more text files (relative path -> text)
+    written inside before the rename."""
     dest = Path(path)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise CheckpointError(f"{dest} exists and is not empty; give a new directory")
@@ -139,6 +141,7 @@ def write_hub_dir(
             }
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        write_extra_files(tmp, extra_files)
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)
@@ -146,6 +149,12 @@ def write_hub_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def write_extra_files(root: Path, files: Mapping[str, str] | None) -> None:
+    for name, text in (files or {}).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
 
 
 def tensor_dtype_name(dtype: torch.dtype) -> str:
