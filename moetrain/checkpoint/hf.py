@@ -709,10 +709,12 @@ _SAME_FOR_INIT_MOE = (
 
 
 def _init_mismatch(run: ModelConfig, hub: ModelConfig) -> list[str]:
+    dense_layers = run.num_layers - run.num_moe_layers
     bad = [
         f"model.{k}: {getattr(run, k)!r} here, {getattr(hub, k)!r} in the checkpoint"
         for k in _SAME_FOR_INIT
         if getattr(run, k, None) != getattr(hub, k, None)
+        and not (k == "dense_hidden_dim" and dense_layers == 0)  # no dense MLP to size
     ]
     if run.num_moe_layers:
         bad += [

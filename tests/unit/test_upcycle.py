@@ -104,6 +104,18 @@ def test_exact_modes_keep_the_dense_logits_in_transformers(arch, mode, args, hf_
     rep = json.loads((tmp_path / "moe" / "upcycle_report.json").read_text())
     assert rep["exact_mode"] and rep["preservation"]["max_abs"] < 1e-4
     assert len(rep["preservation"]["layers"]) == 2
+    # the printed training command's model config accepts the export as checkpoint.init_from
+    from omegaconf import OmegaConf
+
+    from moetrain.checkpoint.hf import load_hf_weights
+    from moetrain.models import Transformer
+    from moetrain.train.cli import compose_config
+
+    composed = compose_config([f"hydra.searchpath=[file://{tmp_path / 'moe'}]", "model=upcycled"])
+    run_cfg = OmegaConf.to_object(composed).model
+    model = Transformer(run_cfg)
+    load_hf_weights(tmp_path / "moe", model, run_cfg)
+    torch.testing.assert_close(model.eval()(x), want, atol=1e-4, rtol=1e-4)
 
 
 def test_native_output_trains_from_the_printed_command_config(tmp_path, capsys):
