@@ -8,7 +8,8 @@
 # (127.0.0.1), MASTER_PORT (29500), RUN_ID (multi-node rendezvous id, shared by every node of a
 # job; torchrun exports it and the run directory defaults to runs/<RUN_ID>), LOCAL_ADDR (the
 # address other nodes reach this node at, when the hostname does not resolve to it), DRY_RUN=1
-# prints the command instead of running it.
+# prints the command instead of running it, MODULE (moetrain.train) the Python module torchrun
+# runs (e.g. a benchmark worker; its arguments are then the extra arguments).
 set -euo pipefail
 
 NNODES=${NNODES:-1}
@@ -33,7 +34,7 @@ if [[ -n ${LOCAL_ADDR:-} ]]; then
   # the address other nodes reach this one at (torchrun otherwise publishes the hostname)
   cmd+=(--local-addr "$LOCAL_ADDR")
 fi
-cmd+=(-m moetrain.train "$@")
+cmd+=(-m "${MODULE:-moetrain.train}" "$@")
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
   printf '%q ' "${cmd[@]}"
