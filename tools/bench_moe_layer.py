@@ -2,7 +2,10 @@
 
     python tools/bench_moe_layer.py [--cases coarse,fine] [--modes dropless,cf1.25]
         [--peers moetrain,reference,balanced_bmm,deepspeed,transformers] [--repeats 5]
-        [--threads N] [--json]
+        [--threads N] [--no-ops] [--json]
+
+Also times the dispatch/combine ops (csrc kernels vs pure-torch references) at the same shapes,
+unless --no-ops.
 
 Not a test: figures are only comparable within one run (docs/benchmarks.md).
 """
@@ -25,6 +28,7 @@ def main() -> None:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"of {list(PEERS)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-ops", action="store_true", help="skip csrc-vs-reference op timings")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     for option, valid in (("cases", CASES), ("modes", MODES), ("peers", PEERS)):
@@ -37,6 +41,7 @@ def main() -> None:
         args.peers.split(","),
         args.repeats,
         args.threads,
+        ops=not args.no_ops,
     )
     print(json.dumps(result) if args.json else format_table(result))
 

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moetrain.bench.ops import format_ops_table, time_ops
 from moetrain.bench.peers import PEERS, PeerUnavailable, Shape
+from moetrain.ops import active_backend
 from moetrain.perf import expert_flops, fraction_of_peak, measure_peak_flops, median_time
 
 CASES = {
@@ -55,17 +57,29 @@ def measure(shape: Shape, peer: str, peak: float, repeats: int) -> Row:
     return row
 
 
-def run(cases: list[str], modes: list[str], peers: list[str], repeats: int, threads: int) -> dict:
+def run(
+    cases: list[str],
+    modes: list[str],
+    peers: list[str],
+    repeats: int,
+    threads: int,
+    ops: bool = True,
+) -> dict:
+    """The layer rows for every shape x peer and, with ``ops``, the dispatch/combine ops' csrc
+    vs reference timings at the same shapes (``moetrain.bench.ops``)."""
     torch.set_num_threads(threads)
     peak_start = measure_peak_flops()
     rows = [measure(s, p, peak_start, repeats) for s in shapes(cases, modes) for p in peers]
+    op_rows = time_ops(shapes(cases, modes), repeats) if ops else []
     peak_end = measure_peak_flops()
     return {
         "threads": threads,
         "torch": torch.__version__,
+        "ops_backend": active_backend(),
         "peak_flops": peak_start,
         "peak_flops_end": peak_end,
         "rows": [asdict(r) for r in rows],
+        "ops": op_rows,
     }
 
 
@@ -73,18 +87,22 @@ def format_table(result: dict) -> str:
     lines = [
         f"peak GEMM (fp32, {result['threads']} threads): {result['peak_flops'] / 1e9:.1f} GFLOP/s "
         f"at start, {result['peak_flops_end'] / 1e9:.1f} at end (spread = machine noise)",
-        f"{'case':8} {'mode':9} {'peer':18} {'median':>9} {'rows':>7} {'frac':>6} {'vs ours':>8}",
+        f"ops backend: {result['ops_backend']}",
+        f"{'case':8} {'mode':9} {'peer':22} {'median':>9} {'rows':>7} {'frac':>6} {'vs ours':>8}",
     ]
     ours = {(r["case"], r["mode"]): r["seconds"] for r in result["rows"] if r["peer"] == "moetrain"}
     for r in result["rows"]:
         if r["seconds"] is None:
-            lines.append(f"{r['case']:8} {r['mode']:9} {r['peer']:18} {r['note']}")
+            lines.append(f"{r['case']:8} {r['mode']:9} {r['peer']:22} {r['note']}")
             continue
         base = ours.get((r["case"], r["mode"]))
         speed = f"{base / r['seconds']:.2f}x" if base else ""
         lines.append(
-            f"{r['case']:8} {r['mode']:9} {r['peer']:18} {r['seconds'] * 1e3:7.0f}ms "
+            f"{r['case']:8} {r['mode']:9} {r['peer']:22} {r['seconds'] * 1e3:7.0f}ms "
             f"{r['routed_rows']:7d} {r['fraction_of_peak']:6.3f} {speed:>8}"
         )
     lines.append("frac = expert FLOPs / peak / time; 'vs ours' = peer speed relative to moetrain")
+    lines.append("moetrain_reference_ops = MoELayer with the pure-torch dispatch/combine ops")
+    if result["ops"]:
+        lines += ["", format_ops_table(result["ops"])]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from moetrain.models.mlp import FeedForward
 from moetrain.moe import MoEConfig, MoELayer
 from moetrain.moe.experts import expert_mlp
 from moetrain.moe.reference import reference_moe_per_expert
+from moetrain.ops import reference_kernels
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,18 @@ def moetrain_peer(shape: Shape) -> Peer:
         layer(x).backward(g)
 
     return Peer(step, lambda: _kept_rows(layer))
+
+
+def moetrain_reference_ops_peer(shape: Shape) -> Peer:
+    """``MoELayer`` with the pure-torch reference dispatch/combine ops instead of the csrc
+    kernels (``moetrain.ops.reference_kernels``): the layer before the fused kernels."""
+    peer = moetrain_peer(shape)
+
+    def step() -> None:
+        with reference_kernels():
+            peer.step()
+
+    return Peer(step, peer.routed_rows)
 
 
 def reference_peer(shape: Shape) -> Peer:
@@ -214,6 +227,7 @@ def _deepspeed_kept_rows(gate_out: tuple, shape: Shape) -> int:
 
 PEERS: dict[str, Callable[[Shape], Peer]] = {
     "moetrain": moetrain_peer,
+    "moetrain_reference_ops": moetrain_reference_ops_peer,
     "reference": reference_peer,
     "balanced_bmm": balanced_bmm_peer,
     "deepspeed": deepspeed_peer,

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from moetrain.ops import expert_sort
+
 
 def expert_capacity(
     num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int
@@ -36,8 +38,8 @@ def rank_within_expert(topk_ids_TK: Tensor, priority_TK: Tensor | None, num_expe
     if priority_TK is not None:
         order = torch.sort(priority_TK.flatten(), descending=True, stable=True).indices
     # A stable sort by expert keeps the priority order inside each expert.
-    by_expert = order[torch.sort(flat_ids[order], stable=True).indices]
-    counts_E = torch.bincount(flat_ids, minlength=num_experts)
+    sorted_idx, counts_E = expert_sort(flat_ids[order], num_experts)
+    by_expert = order[sorted_idx]
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     ranks_sorted = (
         torch.arange(flat_ids.numel(), device=flat_ids.device) - starts_E[flat_ids[by_expert]]

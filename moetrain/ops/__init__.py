@@ -1,26 +1,21 @@
 """Public MoE ops, registered in the ``moetrain`` torch.library namespace.
 
-Each op's pure-torch reference is its ``CompositeExplicitAutograd`` kernel; a compiled kernel
-registered for a device (``TORCH_LIBRARY_IMPL(moetrain, CPU|CUDA, ...)``) takes precedence.
+Each op's pure-torch reference is its ``CompositeExplicitAutograd`` kernel; the compiled csrc
+kernels (``TORCH_LIBRARY_IMPL(moetrain, CPU|CUDA, ...)`` in the ``moetrain._C`` extension) take
+precedence for their device. ``backend`` imports the op definitions (``permute``) before it loads
+the extension that registers kernels for them.
 """
 
-import torch
-
+from moetrain.ops.backend import OPS, active_backend, extension_error, reference_kernels
 from moetrain.ops.permute import permute, unpermute
+from moetrain.ops.sort import expert_sort
 
-OPS = ("moetrain::permute", "moetrain::unpermute")
-
-
-def active_backend(device_key: str = "CPU") -> str:
-    """Which kernels run the ops on ``device_key`` ("CPU" or "CUDA"): compiled, or the
-    pure-torch reference fallback. Printed at the start of training, so a fallback is never
-    silent."""
-    compiled = [op for op in OPS if torch._C._dispatch_has_kernel_for_dispatch_key(op, device_key)]
-    if len(compiled) == len(OPS):
-        return f"compiled kernels ({device_key})"
-    if compiled:
-        return f"compiled for {', '.join(compiled)}; pure-torch reference for the rest"
-    return "pure-torch reference (no compiled kernels registered)"
-
-
-__all__ = ["OPS", "active_backend", "permute", "unpermute"]
+__all__ = [
+    "OPS",
+    "active_backend",
+    "expert_sort",
+    "extension_error",
+    "permute",
+    "reference_kernels",
+    "unpermute",
+]

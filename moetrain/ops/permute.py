@@ -19,6 +19,11 @@ _LIB.define("permute(Tensor x, Tensor row_token) -> Tensor")
 _LIB.define(
     "unpermute(Tensor rows, Tensor row_token, Tensor? row_weight, SymInt num_tokens) -> Tensor"
 )
+# unpermute's two gradients in one pass (its backward when no double backward is needed)
+_LIB.define(
+    "unpermute_backward(Tensor grad_out, Tensor rows, Tensor row_token, Tensor row_weight)"
+    " -> (Tensor, Tensor)"
+)
 
 
 # --- pure-torch references (also the fallback when no compiled kernel is registered) ---------
@@ -58,8 +63,29 @@ def unpermute_reference(
     return out.to(rows_RD.dtype)
 
 
-_LIB.impl("permute", permute_reference, "CompositeExplicitAutograd")
-_LIB.impl("unpermute", unpermute_reference, "CompositeExplicitAutograd")
+def unpermute_backward_reference(
+    grad_out_TD: Tensor, rows_RD: Tensor, row_token_R: Tensor, row_weight_R: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Both gradients of the weighted unpermute: ``grad_rows_RD[r] = w_r * g[token(r)]`` (in
+    ``rows_RD.dtype``) and ``grad_weight_R[r] = <g[token(r)], rows_RD[r]>`` (in the weight's
+    dtype), computed in at least fp32; both 0 for padding rows, whatever they hold."""
+    gathered = permute_reference(grad_out_TD, row_token_R)
+    acc = _acc_dtype(rows_RD.dtype)
+    # row-wise dot products without an [R, D] temporary (einsum runs them as one bmm)
+    grad_weight = torch.einsum("rd,rd->r", gathered.to(acc), rows_RD.to(acc))
+    grad_weight = torch.where(row_token_R < 0, 0, grad_weight).to(row_weight_R.dtype)
+    grad_rows = (gathered.to(acc) * row_weight_R.to(acc).unsqueeze(-1)).to(rows_RD.dtype)
+    return grad_rows, grad_weight
+
+
+# op name -> reference; also what ``moetrain.ops.reference_kernels()`` swaps in for a device
+REFERENCES = {
+    "permute": permute_reference,
+    "unpermute": unpermute_reference,
+    "unpermute_backward": unpermute_backward_reference,
+}
+for _name, _reference in REFERENCES.items():
+    _LIB.impl(_name, _reference, "CompositeExplicitAutograd")
 
 
 # --- fake (meta) kernels: shapes only --------------------------------------------------------
@@ -77,7 +103,14 @@ def _unpermute_fake(
     return rows.new_empty(num_tokens, rows.shape[-1])
 
 
-# --- autograd: each op's backward is expressed with the other op ------------------------------
+@torch.library.register_fake("moetrain::unpermute_backward")
+def _unpermute_backward_fake(
+    grad_out: Tensor, rows: Tensor, row_token: Tensor, row_weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(rows), torch.empty_like(row_weight)
+
+
+# --- autograd: each op's backward is expressed with the other ops -----------------------------
 
 
 def _permute_setup(ctx, inputs, output) -> None:
@@ -97,13 +130,20 @@ def _unpermute_setup(ctx, inputs, output) -> None:
 
 
 def _unpermute_backward(ctx, grad_out):
-    # One gather of grad_out serves both gradients: d/drows = w * g[token(r)] and
-    # d/dw_r = <g[token(r)], rows_r> (plain torch ops, so double backward works through them).
+    # d/drows = w * g[token(r)] and d/dw_r = <g[token(r)], rows_r>.
     rows, row_token, row_weight = ctx.saved_tensors
     needs_rows = ctx.needs_input_grad[0]
     needs_weight = row_weight is not None and ctx.needs_input_grad[2]
     if not (needs_rows or needs_weight):
         return None, None, None, None
+    if row_weight is not None and not torch.is_grad_enabled():
+        # A first-order backward (grad mode off): both gradients in one fused pass.
+        grad_rows, grad_weight = torch.ops.moetrain.unpermute_backward(
+            grad_out, rows, row_token, row_weight
+        )
+        return grad_rows if needs_rows else None, None, grad_weight if needs_weight else None, None
+    # Double backward (create_graph): one gather of grad_out serves both gradients, in
+    # differentiable ops.
     gathered = torch.ops.moetrain.permute(grad_out, row_token)
     acc = _acc_dtype(rows.dtype)
     grad_rows = grad_weight = None

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -180,3 +184,21 @@ def test_combine_before_dispatch_raises():
     dispatcher.combine(rows)
     with pytest.raises(RuntimeError, match="dispatch"):
         dispatcher.combine(rows)
+
+
+def test_pure_torch_fallback_is_reported():
+    # without the extension the ops still run (the references), and active_backend() says so
+    code = (
+        "import torch\n"
+        "from moetrain.ops import active_backend, permute\n"
+        "print(active_backend())\n"
+        "print(permute(torch.ones(2, 2), torch.tensor([1, -1])).tolist())\n"
+    )
+    env = {**os.environ, "MOETRAIN_NO_CSRC": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == [
+        "pure-torch reference (extension not built: disabled by MOETRAIN_NO_CSRC=1)",
+        "[[1.0, 1.0], [0.0, 0.0]]",
+    ]
