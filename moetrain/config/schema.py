@@ -63,6 +63,10 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b
     pp_virtual_stages: int = 1  # stages per pp rank (interleaved_1f1b: >= 2)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # all-to-all dispatcher: chunks whose exchanges overlap the experts (1 = no overlap)
+    ep_overlap_chunks: int = 1
+    ep_a2a: str = "flat"  # flat | hierarchical (inter-node traffic only between node peers)
+    ep_ranks_per_node: Optional[int] = None  # hierarchical: ranks per node; null = LOCAL_WORLD_SIZE
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 
 from moetrain.config.schema import Config
 from moetrain.parallel.dims import ParallelDims
+from moetrain.parallel.ep import A2A_MODES, EPOptions
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,23 @@ def parallel_dims(cfg: Config, world: int | None = None) -> ParallelDims:
         tp=p.tp,
         ep=p.ep,
         etp=p.etp,
+    )
+
+
+def ep_ranks_per_node(cfg: Config) -> int | None:
+    """``parallel.ep_ranks_per_node``, or torchrun's ``LOCAL_WORLD_SIZE`` when null."""
+    if cfg.parallel.ep_ranks_per_node is not None:
+        return cfg.parallel.ep_ranks_per_node
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(local) if local else None
+
+
+def ep_options(cfg: Config) -> EPOptions:
+    """The all-to-all dispatcher's options (validated by ``validate``)."""
+    p = cfg.parallel
+    hierarchical = p.ep_a2a == "hierarchical"
+    return EPOptions(
+        p.ep_overlap_chunks, p.ep_a2a, ep_ranks_per_node(cfg) if hierarchical else None
     )
 
 
@@ -148,7 +166,41 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
             raise ConfigError(why)
     elif p.pp_virtual_stages != 1:
         _fail("parallel.pp_virtual_stages", "applies to pipeline layouts only (parallel.pp > 1)")
+    _validate_ep_dispatch(cfg, dims)
     return dims
+
+
+def _validate_ep_dispatch(cfg: Config, dims: ParallelDims) -> None:
+    p = cfg.parallel
+    if p.ep_overlap_chunks < 1:
+        _fail(
+            "parallel.ep_overlap_chunks",
+            f"must be >= 1 (1 = no overlap), got {p.ep_overlap_chunks}",
+        )
+    if p.ep_a2a not in A2A_MODES:
+        _fail("parallel.ep_a2a", f"must be flat or hierarchical, got {p.ep_a2a!r}")
+    if p.ep_ranks_per_node is not None and p.ep_ranks_per_node < 1:
+        _fail("parallel.ep_ranks_per_node", f"must be >= 1 or null, got {p.ep_ranks_per_node}")
+    if dims.ep == 1:
+        for key, value, default in (
+            ("ep_overlap_chunks", p.ep_overlap_chunks, 1),
+            ("ep_a2a", p.ep_a2a, "flat"),
+        ):
+            if value != default:
+                _fail(
+                    f"parallel.{key}", "applies to expert-parallel layouts only (parallel.ep > 1)"
+                )
+        return
+    if p.ep_a2a == "hierarchical":
+        per_node = ep_ranks_per_node(cfg)
+        if per_node is None:
+            _fail(
+                "parallel.ep_ranks_per_node",
+                "parallel.ep_a2a=hierarchical needs the ranks per node: set it, or launch with "
+                "torchrun (which sets LOCAL_WORLD_SIZE)",
+            )
+        else:
+            dims.ep_node_layout(per_node)
 
 
 def _validate_checkpoint(cfg: Config) -> None:

@@ -5,6 +5,15 @@ R expert rows (kept assignments in expert order, plus padding rows with pad_to_c
 
 Interface (every dispatcher):
 
+    y_TD, side = dispatcher.run(x_TD, routing, experts, overlap_fn)
+
+runs the whole exchange: dispatch, ``experts(rows_RD, tokens_per_local_expert_e)``, combine;
+``overlap_fn`` (the shared experts, or None) is work that does not depend on the routed
+experts: a dispatcher runs it where it hides communication and returns its result as ``side``.
+``run`` is what the MoE layer calls, so a dispatcher can interleave the experts with its
+exchanges (the overlapped all-to-all dispatcher splits them into chunks). The two halves are
+also available on their own:
+
     expert_input_RD, tokens_per_local_expert_e = dispatcher.dispatch(x_TD, routing)
     y_TD = dispatcher.combine(expert_output_RD)
 
@@ -15,12 +24,14 @@ single-process one (a local permute); expert-parallel dispatchers are tested aga
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from moetrain.ops import permute, unpermute
+from moetrain.ops import expert_sort, permute, unpermute
 
 
 @dataclass
@@ -54,8 +65,8 @@ def sort_by_expert(routing: Routing, num_experts: int) -> ExpertRows:
     flat_ids = routing.topk_ids_TK.flatten()
     if routing.keep_TK is not None:
         flat_ids = flat_ids.masked_fill(~routing.keep_TK.flatten(), E)  # dropped sort last
-    order = torch.sort(flat_ids, stable=True).indices
-    counts_E = torch.bincount(flat_ids, minlength=E + 1)[:E]
+    order, counts = expert_sort(flat_ids, E + 1)  # a counting sort; bin E = dropped
+    counts_E = counts[:E]
     # host sync: the expert GEMMs need the split sizes on the host
     counts_cpu = counts_E.cpu()
     num_rows = int(counts_cpu.sum())
@@ -72,6 +83,36 @@ def sort_by_expert(routing: Routing, num_experts: int) -> ExpertRows:
     padded_token = padded_token.scatter(0, slot_R, row_token_R)
     padded_weight = row_weight_R.new_zeros(E * C).scatter(0, slot_R, row_weight_R)
     return ExpertRows(padded_token, padded_weight, torch.full((E,), C, dtype=torch.long))
+
+
+ExpertsFn = Callable[..., Tensor]  # experts(rows_RD, tokens_per_local_expert_e) -> rows_RD
+
+
+class Dispatcher(Protocol):
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor]: ...
+
+    def combine(self, expert_output_RD: Tensor) -> Tensor: ...
+
+    def run(
+        self,
+        x_TD: Tensor,
+        routing: Routing,
+        experts: ExpertsFn,
+        overlap_fn: Callable[[], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]: ...
+
+
+def run_sequentially(
+    dispatcher: Dispatcher,
+    x_TD: Tensor,
+    routing: Routing,
+    experts: ExpertsFn,
+    overlap_fn: Callable[[], Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """dispatch -> experts -> combine, then ``overlap_fn`` (nothing to hide it behind)."""
+    rows_RD, tokens_per_expert = dispatcher.dispatch(x_TD, routing)
+    y_TD = dispatcher.combine(experts(rows_RD, tokens_per_expert))
+    return y_TD, overlap_fn() if overlap_fn is not None else None
 
 
 class TokenDispatcher:
@@ -92,3 +133,12 @@ class TokenDispatcher:
             raise RuntimeError("combine() called before dispatch()")
         rows, self._rows = self._rows, None
         return unpermute(expert_output_RD, rows.row_token_R, rows.row_weight_R, self._num_tokens)
+
+    def run(
+        self,
+        x_TD: Tensor,
+        routing: Routing,
+        experts: ExpertsFn,
+        overlap_fn: Callable[[], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        return run_sequentially(self, x_TD, routing, experts, overlap_fn)

@@ -14,6 +14,8 @@ tensor instead of building a full-size gradient per expert (indexing ``w[e]`` in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -64,17 +66,54 @@ class GroupedExperts(nn.Module):
         DTensors sharded by expert / tensor parallelism; gradients flow back to the shards."""
         return _local(self.w1_EFD), _local(self.w3_EFD), _local(self.w2_EDF)  # type: ignore[return-value]
 
-    def forward(self, rows_RD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+    def forward(
+        self,
+        rows_RD: Tensor,
+        tokens_per_expert_E: Tensor | None = None,
+        chunked: Callable[..., Tensor] | None = None,
+    ) -> Tensor:
+        """Run expert e on its ``tokens_per_expert_E[e]`` consecutive rows of ``rows_RD`` [R, D]
+        (CPU int64 counts); returns [R, D].
+
+        ``chunked`` (the overlapped expert-parallel dispatcher's pipeline) replaces the one
+        grouped GEMM: it is called as ``chunked(rows_RD, self.compute, (w1, w3, w2))`` with the
+        local weights and calls ``compute`` once per chunk, interleaved with its exchanges. It
+        runs inside this forward so that FSDP's weight all-gather and backward hooks, which wrap
+        the module call, cover every chunk.
+        """
         w1, w3, w2 = self.local_weights()
-        counts = tokens_per_expert_E.tolist()
-        if len(counts) != w1.shape[0]:
-            raise ValueError(f"got row counts for {len(counts)} experts, hold {w1.shape[0]}")
-        if len(set(counts)) == 1:  # fixed shapes (padded to capacity, or perfectly even)
-            x_ECD = rows_RD.view(w1.shape[0], counts[0], rows_RD.shape[-1])
-            return expert_mlp(x_ECD, w1, w3, w2).flatten(0, 1)
-        xs = rows_RD.split(counts)
-        w1s = w1.unbind(0)
-        w3s = w3.unbind(0) if w3 is not None else [None] * w1.shape[0]
-        w2s = w2.unbind(0)
-        outs = [expert_mlp(*args) for args in zip(xs, w1s, w3s, w2s)]
-        return torch.cat(outs)
+        if chunked is not None:
+            return chunked(rows_RD, self.compute, (w1, w3, w2))
+        if tokens_per_expert_E is None:
+            raise ValueError("GroupedExperts needs tokens_per_expert_E")
+        return self.compute(rows_RD, tokens_per_expert_E, w1, w3, w2)
+
+    def compute(
+        self,
+        rows_RD: Tensor,
+        tokens_per_expert_E: Tensor,
+        w1: Tensor,
+        w3: Tensor | None,
+        w2: Tensor,
+    ) -> Tensor:
+        """The grouped GEMM on explicit weights (``forward`` passes its local weights)."""
+        return grouped_mlp(rows_RD, tokens_per_expert_E, w1, w3, w2)
+
+
+def grouped_mlp(
+    rows_RD: Tensor, tokens_per_expert_E: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor
+) -> Tensor:
+    """Expert e (weights ``w1[e]``, ``w3[e]``, ``w2[e]``) on its ``tokens_per_expert_E[e]``
+    consecutive rows of ``rows_RD``."""
+    counts = tokens_per_expert_E.tolist()
+    if len(counts) != w1.shape[0]:
+        raise ValueError(f"got row counts for {len(counts)} experts, hold {w1.shape[0]}")
+    if len(set(counts)) == 1:  # fixed shapes (padded to capacity, or perfectly even)
+        x_ECD = rows_RD.view(w1.shape[0], counts[0], rows_RD.shape[-1])
+        return expert_mlp(x_ECD, w1, w3, w2).flatten(0, 1)
+    xs = rows_RD.split(counts)
+    w1s = w1.unbind(0)
+    w3s = w3.unbind(0) if w3 is not None else [None] * w1.shape[0]
+    w2s = w2.unbind(0)
+    outs = [expert_mlp(*args) for args in zip(xs, w1s, w3s, w2s)]
+    return torch.cat(outs)

@@ -11,6 +11,7 @@ them when you log, which is when the host syncs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +27,7 @@ from moetrain.moe.aux_losses import (
 )
 from moetrain.moe.capacity import capacity_keep_mask, drops_by_position, expert_capacity
 from moetrain.moe.config import MoEConfig
-from moetrain.moe.dispatcher import Routing, TokenDispatcher
+from moetrain.moe.dispatcher import Dispatcher, Routing, TokenDispatcher
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.router import Router, RouterOutput, build_router
 from moetrain.moe.shared_experts import SharedExperts
@@ -92,7 +93,8 @@ class MoELayer(nn.Module):
             ``cfg.aux_loss_coeff_per_layer``).
 
     Attributes set from outside: ``dispatcher`` (expert-parallel dispatchers replace the local
-    one), ``reduce_global_counts`` (sums expert counts over data-parallel ranks for the global
+    one; the layer calls its ``run`` with the experts and the shared experts),
+    ``reduce_global_counts`` (sums expert counts over data-parallel ranks for the global
     aux-loss scope; None = this process only), ``aux_loss_scale`` (gradient scale of the aux
     losses, e.g. 1/number of accumulation micro-batches), ``sequence_parallel`` (tensor
     parallelism, see :class:`SequenceParallel`).
@@ -111,7 +113,7 @@ class MoELayer(nn.Module):
         self.router = build_router(cfg)
         self.experts = GroupedExperts(cfg)
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
-        self.dispatcher = TokenDispatcher(cfg.num_experts)
+        self.dispatcher: Dispatcher = TokenDispatcher(cfg.num_experts)
         self.reduce_global_counts: CountReduce | None = None
         self.aux_loss_scale = 1.0
         self.sequence_parallel: SequenceParallel | None = None
@@ -170,13 +172,14 @@ class MoELayer(nn.Module):
                 routing.pad_to_capacity,
             )
             out_shape = torch.Size((x.shape[0], idx.numel() // x.shape[0], cfg.dim))
-        rows_RD, tokens_per_expert = self.dispatcher.dispatch(x_local_TD, routing)
-        y = self.dispatcher.combine(self.experts(rows_RD, tokens_per_expert)).view(out_shape)
+        routed_TD, shared_TD = self.dispatcher.run(
+            x_local_TD, routing, self.experts, self._shared_fn(x)
+        )
+        y = routed_TD.view(out_shape)
         if sp is not None:
             y = sp.scatter(y)  # partial sums over F (expert TP) -> this rank's sequence chunk
-        if self.shared_experts is not None:
-            shared_in = x if sp is None else sp.local_chunk(x)
-            y = y + self.shared_experts(shared_in.reshape(-1, cfg.dim)).view(y.shape)
+        if shared_TD is not None:
+            y = y + shared_TD.view(y.shape)
         scale = self.aux_loss_scale * (sp.aux_grad_scale if sp is not None else 1.0)
         y = attach_aux_loss(y, lb_loss + zl, scale)
         if record or not self.training:
@@ -184,6 +187,20 @@ class MoELayer(nn.Module):
             if record and self.stats_log is not None and self.last_stats is not None:
                 self.stats_log.append(self.last_stats)
         return y if sp is not None else y.view(x.shape)
+
+    def _shared_fn(self, x: Tensor) -> Callable[[], Tensor] | None:
+        """The shared experts on this rank's tokens, for the dispatcher to run where they hide
+        its communication (the all-to-all dispatcher: while the first exchanges are in flight)."""
+        shared = self.shared_experts
+        if shared is None:
+            return None
+        sp = self.sequence_parallel
+
+        def run() -> Tensor:
+            shared_in = x if sp is None else sp.local_chunk(x)
+            return shared(shared_in.reshape(-1, self.cfg.dim))
+
+        return run
 
     def _apply_capacity(self, routed: RouterOutput) -> tuple[Tensor | None, int | None]:
         cfg = self.cfg

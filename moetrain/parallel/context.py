@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.parallel.dims import Meshes, ParallelDims, RankCoords, build_meshes
+from moetrain.parallel.ep_comm import NodeGroups, build_node_groups
 
 
 def default_backend() -> str:
@@ -60,6 +61,12 @@ class ParallelContext:
         """The process group of an expert-mesh axis (edp_shard, ep, etp, ...)."""
         assert self.meshes is not None
         return self.meshes.experts.get_group(axis)
+
+    def ep_node_groups(self, ranks_per_node: int) -> NodeGroups:
+        """This rank's node and peer sub-groups of its EP group (the hierarchical all-to-all).
+        Collective: every rank calls it once, in the same place (``parallelize``)."""
+        _, per_node = self.dims.ep_node_layout(ranks_per_node)
+        return build_node_groups(self.dims.ep_groups(), per_node)
 
     def all_reduce(self, tensor: torch.Tensor, axes: Sequence[str]) -> torch.Tensor:
         """Sum ``tensor`` in place over the named dense-mesh axes (skipping size-1 ones)."""

@@ -175,6 +175,35 @@ class ParallelDims:
         _, _, es, e, et = (int(i) for i in (self.expert_grid() == rank).nonzero()[0])
         return RankCoords(rank, p, r, s, t, ep=e, edp=r * self.edp_shard + es, etp=et)
 
+    def ep_groups(self) -> list[list[int]]:
+        """Every EP group's global ranks, in EP rank order (each increasing)."""
+        return self.expert_grid().movedim(3, -1).reshape(-1, self.ep).tolist()
+
+    def ep_node_layout(self, ranks_per_node: int) -> tuple[int, int]:
+        """(nodes, EP ranks per node) of every EP group when each run of ``ranks_per_node``
+        consecutive global ranks shares a node (torchrun's layout), for the hierarchical
+        all-to-all: each group must put the same number L of its ranks on each of its nodes, EP
+        ranks [a*L, (a+1)*L) on its a-th node. Raises ``LayoutError`` otherwise."""
+        setting = "parallel.ep_ranks_per_node"
+        if ranks_per_node < 1 or self.world_size % ranks_per_node:
+            _fail(setting, f"{ranks_per_node} does not divide the world size {self.world_size}")
+        layouts = set()
+        for members in self.ep_groups():
+            nodes = [m // ranks_per_node for m in members]
+            per_node = nodes.count(nodes[0])
+            blocks = [nodes[a : a + per_node] for a in range(0, self.ep, per_node)]
+            if self.ep % per_node or any(len(set(b)) != 1 for b in blocks):
+                _fail(
+                    "parallel.ep_a2a",
+                    f"'hierarchical' needs each EP group's ranks split evenly over nodes in EP "
+                    f"order; EP group {members} sits on nodes {nodes} with "
+                    f"{ranks_per_node} ranks per node; use parallel.ep_a2a=flat",
+                )
+            layouts.add((len(blocks), per_node))
+        if len(layouts) != 1:
+            _fail("parallel.ep_a2a", f"EP groups span different node layouts {sorted(layouts)}")
+        return layouts.pop()
+
     def local_experts(self, ep_rank: int, num_experts: int) -> range:
         """The global ids of the experts EP rank ``ep_rank`` holds (contiguous blocks)."""
         per_rank = num_experts // self.ep

@@ -1,6 +1,7 @@
 """Expert parallelism: the all-to-all token dispatcher.
 
-Legend: T local tokens, D model dim, E experts (global), e = E/ep local experts, R rows.
+Legend: T local tokens, D model dim, E experts (global), P EP ranks, e = E/P local experts,
+R rows.
 
 ``AllToAllDispatcher`` implements the MoE layer's dispatcher interface across the ranks of an EP
 group (EP rank i holds experts [i*e, (i+1)*e)):
@@ -12,88 +13,166 @@ group (EP rank i holds experts [i*e, (i+1)*e)):
 Capacity dropping and padding are decided locally before dispatch (capacity is per rank's local
 tokens, as Megatron-Core), so the result equals running the single-process layer on each rank's
 tokens with the same weights; ``TokenDispatcher`` is the reference the tests compare against.
+
+Two options (``EPOptions``, from ``parallel.ep_overlap_chunks`` / ``parallel.ep_a2a``):
+
+- ``overlap_chunks > 1``: ``run`` splits the exchange and the experts into chunks and pipelines
+  them (``moetrain.parallel.ep_overlap``); 1 runs dispatch, experts and combine one after the
+  other.
+- the exchange: one flat all-to-all over the EP group, or the hierarchical (2-D) one whose
+  inter-node traffic only flows between peer ranks of the nodes (``moetrain.parallel.ep_comm``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from moetrain.moe.dispatcher import ExpertRows, Routing, sort_by_expert
+from moetrain.moe.dispatcher import ExpertRows, ExpertsFn, Routing, run_sequentially, sort_by_expert
 from moetrain.ops import permute, unpermute
+from moetrain.parallel.ep_comm import EPExchange, FlatAllToAll, Splits, segment_order
+from moetrain.parallel.ep_overlap import overlapped_experts, plan_chunks
+
+A2A_MODES = ("flat", "hierarchical")
 
 
-class _AllToAll(torch.autograd.Function):
-    """Differentiable ``all_to_all_single`` with uneven splits."""
+@dataclass(frozen=True)
+class EPOptions:
+    """How the all-to-all dispatcher runs: ``overlap_chunks`` (1 = no overlap), ``a2a`` (flat |
+    hierarchical) and, for hierarchical, ``ranks_per_node`` (consecutive global ranks sharing a
+    node)."""
+
+    overlap_chunks: int = 1
+    a2a: str = "flat"
+    ranks_per_node: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be >= 1, got {self.overlap_chunks}")
+        if self.a2a not in A2A_MODES:
+            raise ValueError(f"a2a must be one of {A2A_MODES}, got {self.a2a!r}")
+        if self.a2a == "hierarchical" and (self.ranks_per_node or 0) < 1:
+            raise ValueError("the hierarchical all-to-all needs ranks_per_node >= 1")
+
+
+class _Exchange(torch.autograd.Function):
+    """Differentiable row exchange (uneven splits) through an ``EPExchange``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        # rows x[sum(in_splits[:r]):...] go to rank r; rows from rank r land at out_splits[r]
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+    def forward(ctx: Any, x: Tensor, splits: Splits, comm: EPExchange) -> Tensor:
+        ctx.splits, ctx.comm = splits, comm
+        # rows for EP rank r leave from x[sum(send[:r]):...]; rows from rank r land at recv[r]
+        return comm.start(x, splits).wait()
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        out_splits, in_splits = ctx.splits
+    def backward(ctx: Any, grad: Tensor):
         # the gradient travels back the way the rows came: splits swapped
-        grad_in = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None
+        return ctx.comm.start(grad, ctx.splits.reversed()).wait(), None, None
+
+
+def exchange(x: Tensor, splits: Splits, comm: EPExchange) -> Tensor:
+    return _Exchange.apply(x, splits, comm)
 
 
 def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+    """Differentiable ``all_to_all_single`` with uneven splits over ``group``."""
+    return exchange(x, Splits(in_splits, out_splits), FlatAllToAll(group))
 
 
 def chunk_order(counts_AB: Tensor) -> Tensor:
     """Row permutation that regroups rows stored as A x B chunks (A-major, chunk (a, b) of
     ``counts_AB[a, b]`` rows) into B-major order: result[i] = source row of output row i."""
-    starts = (torch.cumsum(counts_AB.flatten(), 0) - counts_AB.flatten()).view_as(counts_AB)
-    pieces = [
-        torch.arange(int(starts[a, b]), int(starts[a, b] + counts_AB[a, b]))
-        for b in range(counts_AB.shape[1])
-        for a in range(counts_AB.shape[0])
-    ]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    return segment_order(counts_AB)
+
+
+@dataclass
+class _Routed:
+    """One call's routing as the exchange needs it (CPU counts)."""
+
+    rows: ExpertRows
+    send_Pe: Tensor  # rows to (destination rank, local expert)
+    recv_Pe: Tensor  # rows from (source rank, local expert)
+    full_PE: Tensor | None  # every rank's rows per global expert (hierarchical only)
+
+    def splits(self) -> Splits:
+        full = None
+        if self.full_PE is not None:
+            P = self.send_Pe.shape[0]
+            full = self.full_PE.view(P, P, -1).sum(-1)
+        return Splits(self.send_Pe.sum(1).tolist(), self.recv_Pe.sum(1).tolist(), full)
 
 
 class AllToAllDispatcher:
     """Dispatcher over an EP process group; every rank of the group calls dispatch and combine
-    together (the exchanges are collective)."""
+    (or run) together (the exchanges are collective).
 
-    def __init__(self, num_experts: int, group) -> None:
+    Args: ``num_experts`` E; ``group`` the EP process group (None: the default group);
+    ``overlap_chunks`` (``run`` only; 1 = dispatch, experts, combine in turn); ``comm`` the row
+    exchange (default: a flat all-to-all over ``group``; a ``HierarchicalAllToAll`` for 2-D).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        group: Any,
+        overlap_chunks: int = 1,
+        comm: EPExchange | None = None,
+    ) -> None:
         self.group = group
-        self.ep = dist.get_world_size(group)
+        self.comm: EPExchange = comm if comm is not None else FlatAllToAll(group)
+        self.ep = self.comm.size
         if num_experts % self.ep:
             raise ValueError(f"parallel.ep={self.ep} does not divide num_experts={num_experts}")
+        if overlap_chunks < 1:
+            raise ValueError(f"parallel.ep_overlap_chunks must be >= 1, got {overlap_chunks}")
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep
-        self._state: tuple[ExpertRows, int, list[int], list[int], Tensor] | None = None
+        self.overlap_chunks = overlap_chunks
+        self._state: tuple[ExpertRows, int, Splits, Tensor] | None = None
 
-    def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+    def _route(self, x_TD: Tensor, routing: Routing) -> _Routed:
         rows = sort_by_expert(routing, self.num_experts)
         # counts per (destination rank, local expert) -> per (source rank, local expert)
-        # counts travel on the rows' device (NCCL needs device tensors, gloo takes CPU ones)
-        send_counts = rows.tokens_per_expert_E.view(self.ep, self.num_local).to(x_TD.device)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        recv_counts = recv_counts.cpu()  # host sync: the split sizes of the token exchange
-        in_splits = rows.tokens_per_expert_E.view(self.ep, self.num_local).sum(1).tolist()
-        out_splits = recv_counts.sum(1).tolist()
-        sent_RD = permute(x_TD, rows.row_token_R)
-        received_RD = all_to_all(sent_RD, out_splits, in_splits, self.group)
+        send_Pe = rows.tokens_per_expert_E.view(self.ep, self.num_local)
+        recv_Pe, full_PE = self.comm.exchange_counts(send_Pe.to(x_TD.device))
+        return _Routed(rows, send_Pe, recv_Pe, full_PE)
+
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+        routed = self._route(x_TD, routing)
+        splits = routed.splits()
+        received_RD = exchange(permute(x_TD, routed.rows.row_token_R), splits, self.comm)
         # (source, local expert) -> (local expert, source)
-        order = chunk_order(recv_counts).to(x_TD.device)
-        self._state = (rows, x_TD.shape[0], in_splits, out_splits, order)
-        return permute(received_RD, order), recv_counts.sum(0)
+        order = chunk_order(routed.recv_Pe).to(x_TD.device)
+        self._state = (routed.rows, x_TD.shape[0], splits, order)
+        return permute(received_RD, order), routed.recv_Pe.sum(0)
 
     def combine(self, expert_output_RD: Tensor) -> Tensor:
         if self._state is None:
             raise RuntimeError("combine() called before dispatch()")
-        (rows, num_tokens, in_splits, out_splits, order), self._state = self._state, None
+        (rows, num_tokens, splits, order), self._state = self._state, None
         by_source_RD = unpermute(expert_output_RD, order, None, expert_output_RD.shape[0])
-        returned_RD = all_to_all(by_source_RD, in_splits, out_splits, self.group)
+        returned_RD = exchange(by_source_RD, splits.reversed(), self.comm)
         return unpermute(returned_RD, rows.row_token_R, rows.row_weight_R, num_tokens)
+
+    def run(
+        self,
+        x_TD: Tensor,
+        routing: Routing,
+        experts: ExpertsFn,
+        overlap_fn: Callable[[], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """dispatch -> ``experts`` -> combine; with ``overlap_chunks > 1`` pipelined in chunks
+        (``experts`` must then be a ``GroupedExperts``, see ``ep_overlap``) and ``overlap_fn``
+        runs while the first chunks' rows are in flight."""
+        if self.overlap_chunks == 1:
+            return run_sequentially(self, x_TD, routing, experts, overlap_fn)
+        routed = self._route(x_TD, routing)
+        plan = plan_chunks(routed.send_Pe, routed.recv_Pe, routed.full_PE, self.overlap_chunks)
+        sent_RD = permute(x_TD, routed.rows.row_token_R)
+        returned_RD, side = overlapped_experts(sent_RD, plan, self.comm, experts, overlap_fn)
+        rows = routed.rows
+        return unpermute(returned_RD, rows.row_token_R, rows.row_weight_R, x_TD.shape[0]), side

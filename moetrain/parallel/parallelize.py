@@ -6,9 +6,10 @@ draws), then cut and sharded; sharding only keeps local slices (``distribute_ten
 
 Order per stage chunk (as torchtitan): TP plans on each block and the ends -> expert weights as
 DTensors sharded on E over the EP axis (and on F over ETP), dispatcher replaced by the
-all-to-all one -> activation checkpointing flag -> ``fully_shard`` of each MoE layer's experts
-over their expert-data-parallel ranks, of each block and of the chunk over the dense
-data-parallel ranks (HSDP with dp_replicate).
+all-to-all one (overlap chunks and flat or hierarchical exchange from ``EPOptions``) ->
+activation checkpointing flag -> ``fully_shard`` of each MoE layer's experts over their
+expert-data-parallel ranks, of each block and of the chunk over the dense data-parallel ranks
+(HSDP with dp_replicate).
 
 Gradient reductions: FSDP2 **sums** (divide factor 1) — the trainer scales each micro-batch's
 loss by 1/(micro-batches in the global batch), so dense gradients summed over the dp ranks and
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -33,7 +35,8 @@ from moetrain.models.transformer import Transformer
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.layer import MoELayer
 from moetrain.parallel.context import ParallelContext
-from moetrain.parallel.ep import AllToAllDispatcher
+from moetrain.parallel.ep import AllToAllDispatcher, EPOptions
+from moetrain.parallel.ep_comm import HierarchicalAllToAll, NodeGroups
 from moetrain.parallel.tp import (
     ParamRef,
     apply_tp_block,
@@ -141,17 +144,28 @@ def _moe_layers(module: nn.Module) -> list[MoELayer]:
     return [m for m in module.modules() if isinstance(m, MoELayer)]
 
 
-def apply_ep(layer: MoELayer, ctx: ParallelContext) -> None:
+def apply_ep(
+    layer: MoELayer,
+    ctx: ParallelContext,
+    options: EPOptions | None = None,
+    node_groups: NodeGroups | None = None,
+) -> None:
     """Shard the routed experts: E over the EP axis, F over the ETP axis; EP > 1 dispatches
-    through the all-to-all."""
+    through the all-to-all, overlapped in ``options.overlap_chunks`` chunks, over the flat
+    exchange or (with ``node_groups``) the hierarchical one."""
     dims = ctx.dims
     assert ctx.meshes is not None
     if dims.ep == 1 and dims.etp == 1:
         return
+    options = options or EPOptions()
     experts = layer.experts
     E = layer.cfg.num_experts
     if dims.ep > 1:
-        layer.dispatcher = AllToAllDispatcher(E, ctx.expert_group("ep"))  # type: ignore[assignment]
+        group = ctx.expert_group("ep")
+        comm = None
+        if node_groups is not None:
+            comm = HierarchicalAllToAll(node_groups, dist.get_rank(group))
+        layer.dispatcher = AllToAllDispatcher(E, group, options.overlap_chunks, comm)
     axes = tuple(a for a, n in (("ep", dims.ep), ("etp", dims.etp)) if n > 1)
     mesh = ctx.meshes.experts[axes]
     for name in ("w1_EFD", "w3_EFD", "w2_EDF"):
@@ -202,11 +216,14 @@ def parallelize(
     ctx: ParallelContext,
     activation_checkpointing: bool = False,
     virtual_stages: int = 1,
+    ep_options: EPOptions | None = None,
 ) -> ParallelModel:
     """Cut ``model`` into this rank's pipeline stages and apply TP, EP, activation
-    checkpointing and FSDP2 as ``ctx.dims`` says. In one process the model is returned as is
-    (with activation checkpointing if asked)."""
+    checkpointing and FSDP2 as ``ctx.dims`` says (``ep_options``: how the all-to-all
+    dispatcher overlaps and exchanges). In one process the model is returned as is (with
+    activation checkpointing if asked)."""
     dims = ctx.dims
+    ep_options = ep_options or EPOptions()
     blocks = [cast(TransformerBlock, b) for b in model.layers]
     moe_index = {id(m): i for i, m in enumerate(model.moe_layers())}
     for b in blocks:
@@ -227,6 +244,10 @@ def parallelize(
             PipelineChunk(model, ranges[s], s == 0, s == num_stages - 1, dims.tp) for s in stage_ids
         ]
     tp_partial: list[ParamRef] = []
+    node_groups = None
+    if dims.ep > 1 and ep_options.a2a == "hierarchical":
+        assert ep_options.ranks_per_node is not None
+        node_groups = ctx.ep_node_groups(ep_options.ranks_per_node)  # collective: every rank
     for chunk, s in zip(chunks, stage_ids):
         chunk_blocks = _blocks(chunk)
         if dims.tp > 1:
@@ -236,7 +257,7 @@ def parallelize(
                 tp_partial += tp_partial_params(block)
             apply_tp_ends(chunk, tp_mesh, first=s == 0, last=s == num_stages - 1)
         for layer in _moe_layers(chunk):
-            apply_ep(layer, ctx)
+            apply_ep(layer, ctx, ep_options, node_groups)
         apply_fsdp(chunk, ctx)
     moe_layers = [m for c in chunks for m in _moe_layers(c)]
     return ParallelModel(

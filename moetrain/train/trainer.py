@@ -29,7 +29,7 @@ from moetrain.checkpoint.hf import load_hf_weights
 from moetrain.checkpoint.native import load_model_weights, resolve
 from moetrain.checkpoint.safetensors_io import is_hf_dir
 from moetrain.config.schema import Config
-from moetrain.config.validate import parallel_dims
+from moetrain.config.validate import ep_options, parallel_dims
 from moetrain.data import BatchIterator, ShuffledSampler, build_datasets, build_tokenizer
 from moetrain.models import Transformer
 from moetrain.parallel.context import ParallelContext, close_parallel, init_parallel
@@ -84,7 +84,9 @@ class Trainer:
         model = Transformer(cfg.model).to(self.ctx.device)
         self.num_params, self.num_active_params = model.num_params(), model.num_active_params()
         self.flops_per_token = model.flops_per_token(t.seq_len)
-        self.pm = parallelize(model, self.ctx, p.activation_checkpointing, p.pp_virtual_stages)
+        self.pm = parallelize(
+            model, self.ctx, p.activation_checkpointing, p.pp_virtual_stages, ep_options(cfg)
+        )
         self.model = self.pm.module
         self.moe_layers = self.pm.moe_layers
         self.num_moe_layers = cfg.model.num_moe_layers

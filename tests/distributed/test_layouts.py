@@ -29,6 +29,21 @@ LAYOUTS = {
     "tp2_ep2_etp2": (4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=2"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "pp2_ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
+    # overlapped (2 chunks) hierarchical all-to-all, 4 ranks posing as 2 nodes x 2
+    "ep4_overlap2_hierarchical": (
+        4,
+        [
+            "parallel.ep=4",
+            "parallel.ep_overlap_chunks=2",
+            "parallel.ep_a2a=hierarchical",
+            "parallel.ep_ranks_per_node=2",
+        ],
+    ),
+    # 3 chunks with the experts FSDP-sharded over edp=2 and activation checkpointing
+    "ep2_folded_dp4_overlap3_ac": (
+        4,
+        ["parallel.ep=2", "parallel.ep_overlap_chunks=3", "parallel.activation_checkpointing=true"],
+    ),
 }
 
 
