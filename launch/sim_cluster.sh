@@ -8,8 +8,8 @@
 #   sudo launch/sim_cluster.sh parallel.ep=2 train.steps=20          # 2 nodes x 2 processes
 #   sudo NODES=2 NPROC_PER_NODE=2 RATE=1gbit launch/sim_cluster.sh parallel.ep=4
 #
-# Environment: NODES (2), NPROC_PER_NODE (2), RATE (tc rate of each node's link, e.g. 1gbit;
-# empty = unlimited), DELAY (added one-way latency, e.g. 1ms; empty = none), PREFIX (mtsim:
+# Environment: NODES (2), NPROC_PER_NODE (2), RATE (each node's egress rate, tc tbf, e.g. 1gbit;
+# empty = unlimited), DELAY (added one-way latency, tc netem, e.g. 1ms; empty = none), PREFIX (mtsim:
 # names of the namespaces), SUBNET (10.77.0: node i is SUBNET.(i+1)), MASTER_PORT (29500),
 # RUN_ID, DRY_RUN=1 (print the commands, create nothing; needs no root).
 # Needs root (or CAP_NET_ADMIN) and iproute2; says so and exits 3 otherwise.
@@ -72,11 +72,16 @@ for ((i = 0; i < NODES; i++)); do
   run ip -n "$ns" addr add "$SUBNET.$((i + 1))/24" dev eth0
   run ip -n "$ns" link set eth0 up
   run ip -n "$ns" link set lo up
-  if [[ -n $RATE || -n $DELAY ]]; then
-    netem=(netem)
-    [[ -n $DELAY ]] && netem+=(delay "$DELAY")
-    [[ -n $RATE ]] && netem+=(rate "$RATE")
-    run ip netns exec "$ns" tc qdisc add dev eth0 root "${netem[@]}"
+  # RATE: a token bucket (tbf: in every kernel; netem is a module some kernels lack); DELAY:
+  # netem at the root with the token bucket as its child. burst: a 64 KiB GSO segment and room.
+  tbf=(tbf rate "$RATE" burst 128kb latency 50ms)
+  if [[ -n $DELAY ]]; then
+    run ip netns exec "$ns" tc qdisc add dev eth0 root handle 1: netem delay "$DELAY"
+    if [[ -n $RATE ]]; then
+      run ip netns exec "$ns" tc qdisc add dev eth0 parent 1:1 handle 10: "${tbf[@]}"
+    fi
+  elif [[ -n $RATE ]]; then
+    run ip netns exec "$ns" tc qdisc add dev eth0 root "${tbf[@]}"
   fi
 done
 

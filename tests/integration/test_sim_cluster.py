@@ -46,7 +46,11 @@ def test_dry_run_prints_the_topology_and_one_torchrun_per_node():
     assert ["ip", "netns", "add", "mtsim-sw"] in cmds
     assert ["ip", "netns", "add", "mtsim-n1"] in cmds
     tc = [c for c in cmds if "tc" in c]
-    assert len(tc) == 2 and all(c[-2:] == ["rate", "1gbit"] for c in tc)
+    assert len(tc) == 2  # a token bucket per node link (netem only with DELAY)
+    for c in tc:
+        tbf = c[c.index("tbf") :]
+        assert c[c.index("tc") :][:6] == ["tc", "qdisc", "add", "dev", "eth0", "root"]
+        assert tbf[1:3] == ["rate", "1gbit"]
     launches = [c for c in cmds if c[-1] == "parallel.ep=2"]
     assert len(launches) == 2
     for rank, cmd in enumerate(launches):
