@@ -2,10 +2,12 @@
 
     python tools/bench_moe_layer.py [--cases coarse,fine] [--modes dropless,cf1.25]
         [--peers moetrain,reference,balanced_bmm,deepspeed,transformers] [--repeats 5]
-        [--threads N] [--no-ops] [--json]
+        [--threads N] [--no-ops] [--json] [--ep N]
 
 Also times the dispatch/combine ops (csrc kernels vs pure-torch references) at the same shapes,
-unless --no-ops.
+unless --no-ops. With --ep N: N gloo processes on loopback (--threads each, default 1), every
+rank with E/N experts and the case's tokens, peers moetrain, moetrain_overlap2, deepspeed and
+balanced_bmm (moetrain.bench.moe_layer_ep).
 
 Not a test: figures are only comparable within one run (docs/benchmarks.md).
 """
@@ -13,36 +15,50 @@ Not a test: figures are only comparable within one run (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 
 import torch
 
-from moetrain.bench.moe_layer import CASES, MODES, format_table, run
-from moetrain.bench.peers import PEERS
+from moetrain.bench.moe_layer import CASES, MODES, format_table, run, shapes
+from moetrain.bench.moe_layer_ep import format_ep_table, run_ep
+from moetrain.bench.peers import EP_PEERS, PEERS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"of {list(CASES)}")
     parser.add_argument("--modes", default=",".join(MODES), help=f"of {list(MODES)}")
-    parser.add_argument("--peers", default=",".join(PEERS), help=f"of {list(PEERS)}")
+    parser.add_argument(
+        "--peers", help=f"of {list(PEERS)}, or with --ep of {list(EP_PEERS)} (default: all)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, help="default: all cores; 1 per rank with --ep")
     parser.add_argument("--no-ops", action="store_true", help="skip csrc-vs-reference op timings")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel processes (gloo)")
     args = parser.parse_args()
-    for option, valid in (("cases", CASES), ("modes", MODES), ("peers", PEERS)):
+    all_peers = EP_PEERS if args.ep > 1 else PEERS
+    args.peers = args.peers or ",".join(all_peers)
+    if args.ep < 1:
+        parser.error(f"--ep must be >= 1, got {args.ep}")
+    for option, valid in (("cases", CASES), ("modes", MODES), ("peers", all_peers)):
         unknown = set(getattr(args, option).split(",")) - set(valid)
         if unknown:
             parser.error(f"--{option}: unknown {sorted(unknown)}; choose from {list(valid)}")
-    result = run(
-        args.cases.split(","),
-        args.modes.split(","),
-        args.peers.split(","),
-        args.repeats,
-        args.threads,
-        ops=not args.no_ops,
-    )
+    cases, modes, peers = args.cases.split(","), args.modes.split(","), args.peers.split(",")
+    if args.ep > 1:
+        for case in cases:
+            if CASES[case]["num_experts"] % args.ep:
+                parser.error(f"--ep {args.ep} does not divide case {case}'s experts")
+        result = run_ep(args.ep, shapes(cases, modes), peers, args.repeats, args.threads or 1)
+        print(json.dumps(result) if args.json else format_ep_table(result))
+        return
+    threads = args.threads or torch.get_num_threads()
+    # peers' own output (DeepSpeed logs to stdout) goes to stderr: --json prints one object
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run(cases, modes, peers, args.repeats, threads, ops=not args.no_ops)
     print(json.dumps(result) if args.json else format_table(result))
 
 

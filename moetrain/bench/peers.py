@@ -9,16 +9,19 @@ assignments, no padding), which its expert FLOPs are counted from.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from moetrain.models.mlp import FeedForward
 from moetrain.moe import MoEConfig, MoELayer
-from moetrain.moe.experts import expert_mlp
+from moetrain.moe.experts import GroupedExperts, expert_mlp
 from moetrain.moe.reference import reference_moe_per_expert
 from moetrain.ops import reference_kernels
+from moetrain.parallel.ep import AllToAllDispatcher
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,8 @@ class PeerUnavailable(RuntimeError):
     pass
 
 
-def _inputs(shape: Shape, three_d: bool = False) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(1)
+def _inputs(shape: Shape, three_d: bool = False, seed: int = 1) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
     size = (1, shape.num_tokens, shape.dim) if three_d else (shape.num_tokens, shape.dim)
     x = torch.randn(size, generator=gen).requires_grad_(True)
     return x, torch.randn(size, generator=gen)
@@ -177,10 +180,12 @@ def transformers_peer(shape: Shape, experts_impl: str = "grouped_mm") -> Peer:
     return Peer(step, lambda: shape.num_tokens * shape.top_k)
 
 
-def deepspeed_peer(shape: Shape) -> Peer:
-    """DeepSpeed-MoE (``deepspeed.moe.layer.MoE``), one process, SwiGLU experts. Dropless
-    (``drop_tokens=False``) pads every expert to the largest count; its padding rows are not
-    counted as expert FLOPs."""
+def deepspeed_moe(shape: Shape, ep_size: int = 1) -> nn.Module:
+    """DeepSpeed-MoE's layer (``deepspeed.moe.layer.MoE``) for ``shape``, SwiGLU experts, seeded
+    so that its weights do not depend on ``ep_size`` (the gate is drawn after the expert, whose
+    copies draw nothing). ``ep_size > 1`` joins DeepSpeed's expert-parallel group of that size
+    (collective: every rank calls it; ``torch.distributed`` must be up). Raises
+    ``PeerUnavailable`` without deepspeed."""
     try:
         from deepspeed.moe.layer import MoE
     except Exception as err:  # deepspeed raises various errors when its setup is incomplete
@@ -195,7 +200,7 @@ def deepspeed_peer(shape: Shape) -> Peer:
         hidden_size=shape.dim,
         expert=FeedForward(shape.dim, shape.hidden_dim),
         num_experts=shape.num_experts,
-        ep_size=1,
+        ep_size=ep_size,
         k=shape.top_k,
         capacity_factor=cf,
         eval_capacity_factor=cf,
@@ -203,15 +208,33 @@ def deepspeed_peer(shape: Shape) -> Peer:
         drop_tokens=not dropless,
         use_residual=False,
         top2_2nd_expert_sampling=False,
-    ).train()  # ep_size=1 needs no process group
-    x, g = _inputs(shape)
+    ).train()
+    if ep_size > 1:
+        import deepspeed
 
+        # wraps the torch.distributed default group already up (gloo here); then the layer
+        # creates (or reuses) DeepSpeed's "ep_size_N" expert-parallel groups
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        moe.set_deepspeed_parallelism()
+    return moe
+
+
+def deepspeed_peer(shape: Shape) -> Peer:
+    """DeepSpeed-MoE (``deepspeed.moe.layer.MoE``), one process, SwiGLU experts. Dropless
+    (``drop_tokens=False``) pads every expert to the largest count; its padding rows are not
+    counted as expert FLOPs."""
+    moe = deepspeed_moe(shape)  # ep_size=1 needs no process group
+    x, g = _inputs(shape)
+    return _deepspeed_step(moe, x, g, shape)
+
+
+def _deepspeed_step(moe: Any, x: Tensor, g: Tensor, shape: Shape) -> Peer:
     def step() -> None:
         _zero_grads(moe, x)
         out, _, _ = moe(x)
         out.backward(g)
 
-    def rows() -> int:
+    def rows() -> int:  # with ep_size > 1 the dropless gate all-reduces: every rank calls it
         with torch.no_grad():
             gate_out = moe.deepspeed_moe.gate(x.detach(), None, sparse_routes=True)
         return _deepspeed_kept_rows(gate_out, shape)
@@ -233,4 +256,69 @@ PEERS: dict[str, Callable[[Shape], Peer]] = {
     "deepspeed": deepspeed_peer,
     "transformers": transformers_peer,
     "transformers_eager": lambda shape: transformers_peer(shape, "eager"),
+}
+
+
+# Expert parallelism: peers run on every rank of the default process group (EP = its size), each
+# rank with its own tokens (``ep_inputs``) and E/EP experts; steps and ``routed_rows`` are
+# collective. ``routed_rows`` counts the rows this rank's tokens send to experts (kept, no
+# padding), so their sum over ranks is the rows all ranks' experts compute.
+
+
+def ep_inputs(shape: Shape, rank: int) -> tuple[Tensor, Tensor]:
+    """Rank ``rank``'s ``shape.num_tokens`` tokens and output gradient (rank 0 gets the
+    single-process peers' inputs)."""
+    return _inputs(shape, seed=1 + rank)
+
+
+def ep_moetrain_layer(shape: Shape, group: Any = None, overlap_chunks: int = 1) -> MoELayer:
+    """The single-process peer's layer (same seed, same weights) keeping only this rank's E/EP
+    experts and dispatching through an ``AllToAllDispatcher`` over ``group`` (None: the
+    default group)."""
+    torch.manual_seed(0)
+    cfg = _moe_config(shape)
+    layer = MoELayer(cfg)
+    dispatcher = AllToAllDispatcher(shape.num_experts, group, overlap_chunks)
+    local = dispatcher.num_local
+    mine = slice(dist.get_rank(group) * local, (dist.get_rank(group) + 1) * local)
+    experts = GroupedExperts(cfg, num_experts=local)
+    with torch.no_grad():
+        for name, p in experts.named_parameters():
+            p.copy_(getattr(layer.experts, name)[mine])
+    layer.experts, layer.dispatcher = experts, dispatcher
+    return layer
+
+
+def ep_moetrain_peer(shape: Shape, overlap_chunks: int = 1) -> Peer:
+    layer = ep_moetrain_layer(shape, None, overlap_chunks)
+    x, g = ep_inputs(shape, dist.get_rank())
+
+    def step() -> None:
+        _zero_grads(layer, x)
+        layer(x).backward(g)
+
+    return Peer(step, lambda: _kept_rows(layer))
+
+
+def ep_deepspeed_peer(shape: Shape) -> Peer:
+    """DeepSpeed-MoE with ``ep_size`` = the world size: capacity per rank's tokens, every
+    (expert, capacity slot) of every rank sent through one all-to-all (dropless: the capacity is
+    the largest expert count over the EP group)."""
+    moe = deepspeed_moe(shape, ep_size=dist.get_world_size())
+    x, g = ep_inputs(shape, dist.get_rank())
+    return _deepspeed_step(moe, x, g, shape)
+
+
+def ep_balanced_bmm_peer(shape: Shape) -> Peer:
+    """Per rank, the balanced batched SwiGLU over its E/EP experts with the T*K rows a rank
+    computes on average, without routing or communication: the per-rank bound."""
+    local = replace(shape, num_experts=shape.num_experts // dist.get_world_size())
+    return balanced_bmm_peer(local, rows=shape.num_tokens * shape.top_k)
+
+
+EP_PEERS: dict[str, Callable[[Shape], Peer]] = {
+    "moetrain": ep_moetrain_peer,
+    "moetrain_overlap2": lambda shape: ep_moetrain_peer(shape, overlap_chunks=2),
+    "deepspeed": ep_deepspeed_peer,
+    "balanced_bmm": ep_balanced_bmm_peer,
 }
