@@ -67,6 +67,11 @@ class ParallelConfig:
     ep_overlap_chunks: int = 1
     ep_a2a: str = "flat"  # flat | hierarchical (inter-node traffic only between node peers)
     ep_ranks_per_node: Optional[int] = None  # hierarchical: ranks per node; null = LOCAL_WORLD_SIZE
+    # ep (experts split over parallel.ep ranks) | fssdp (every expert sharded over a stage's
+    # ranks, materialized each call where its tokens are: docs/parallelism.md)
+    expert_sharding: str = "ep"
+    fssdp_rematerialize: bool = True  # free gathered experts after forward, gather again in bwd
+    fssdp_slack: float = 0.05  # a rank may compute (1 + slack) x the mean rows before splitting
 
 
 @dataclass

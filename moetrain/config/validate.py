@@ -8,6 +8,8 @@ import os
 from moetrain.config.schema import Config
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.ep import A2A_MODES, EPOptions
+from moetrain.parallel.fssdp import FSSDPOptions
+from moetrain.parallel.fssdp_plan import DEFAULT_SLACK
 
 
 class ConfigError(ValueError):
@@ -35,6 +37,7 @@ def parallel_dims(cfg: Config, world: int | None = None) -> ParallelDims:
         tp=p.tp,
         ep=p.ep,
         etp=p.etp,
+        expert_sharding=p.expert_sharding,
     )
 
 
@@ -53,6 +56,11 @@ def ep_options(cfg: Config) -> EPOptions:
     return EPOptions(
         p.ep_overlap_chunks, p.ep_a2a, ep_ranks_per_node(cfg) if hierarchical else None
     )
+
+
+def fssdp_options(cfg: Config) -> FSSDPOptions:
+    """FSSDP's options (validated by ``validate``; used when parallel.expert_sharding=fssdp)."""
+    return FSSDPOptions(cfg.parallel.fssdp_rematerialize, cfg.parallel.fssdp_slack)
 
 
 def validate(cfg: Config) -> None:
@@ -167,7 +175,21 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
     elif p.pp_virtual_stages != 1:
         _fail("parallel.pp_virtual_stages", "applies to pipeline layouts only (parallel.pp > 1)")
     _validate_ep_dispatch(cfg, dims)
+    _validate_fssdp(cfg, dims)
     return dims
+
+
+def _validate_fssdp(cfg: Config, dims: ParallelDims) -> None:
+    p = cfg.parallel
+    if p.fssdp_slack < 0:
+        _fail("parallel.fssdp_slack", f"must be >= 0, got {p.fssdp_slack}")
+    if not dims.fssdp:
+        for key, value, default in (
+            ("fssdp_rematerialize", p.fssdp_rematerialize, True),
+            ("fssdp_slack", p.fssdp_slack, DEFAULT_SLACK),
+        ):
+            if value != default:
+                _fail(f"parallel.{key}", "applies to parallel.expert_sharding=fssdp only")
 
 
 def _validate_ep_dispatch(cfg: Config, dims: ParallelDims) -> None:

@@ -75,9 +75,10 @@ class GroupedExperts(nn.Module):
         """Run expert e on its ``tokens_per_expert_E[e]`` consecutive rows of ``rows_RD`` [R, D]
         (CPU int64 counts); returns [R, D].
 
-        ``chunked`` (the overlapped expert-parallel dispatcher's pipeline) replaces the one
-        grouped GEMM: it is called as ``chunked(rows_RD, self.compute, (w1, w3, w2))`` with the
-        local weights and calls ``compute`` once per chunk, interleaved with its exchanges. It
+        ``chunked`` (the overlapped expert-parallel dispatcher's pipeline, or FSSDP's, which
+        materializes full experts from the local shards) replaces the one grouped GEMM: it is
+        called as ``chunked(rows_RD, self.compute, (w1, w3, w2))`` with the local weights and
+        calls ``compute`` on its own rows and weights, interleaved with its exchanges. It
         runs inside this forward so that FSDP's weight all-gather and backward hooks, which wrap
         the module call, cover every chunk.
         """

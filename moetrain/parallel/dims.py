@@ -13,6 +13,10 @@ folding", torchtitan's dp2ep), so ``ep`` and ``etp`` do not multiply the world:
 
 The remaining factor is the expert-data-parallel degree ``edp = dp_replicate x edp_shard``: each
 expert is replicated (or FSDP-sharded) over edp ranks.
+
+``expert_sharding="fssdp"`` replaces expert parallelism: every expert is sharded on F over all
+ranks of a pipeline stage (the FSSDP group, ``dp_replicate x dp_shard`` ranks) and
+materialized sparsely each call (``moetrain.parallel.fssdp``); it needs ``tp = ep = etp = 1``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from moetrain.models.config import ModelConfig
 
 DENSE_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 EXPERT_AXES = ("pp", "dp_replicate", "edp_shard", "ep", "etp")
+FSSDP_AXES = ("pp", "fssdp")
+EXPERT_SHARDINGS = ("ep", "fssdp")
 
 
 class LayoutError(ValueError):
@@ -61,6 +67,7 @@ class ParallelDims:
     tp: int = 1
     ep: int = 1
     etp: int = 1
+    expert_sharding: str = "ep"
 
     def __post_init__(self) -> None:
         for name in ("world_size", "pp", "dp_replicate", "tp", "ep", "etp"):
@@ -88,6 +95,20 @@ class ParallelDims:
         self._validate_experts_axes()
 
     def _validate_experts_axes(self) -> None:
+        if self.expert_sharding not in EXPERT_SHARDINGS:
+            _fail(
+                "parallel.expert_sharding",
+                f"must be one of {list(EXPERT_SHARDINGS)}, got {self.expert_sharding!r}",
+            )
+        if self.fssdp:
+            for name in ("ep", "etp", "tp"):
+                if getattr(self, name) != 1:
+                    _fail(
+                        "parallel.expert_sharding",
+                        f"'fssdp' shards every expert over all ranks of a pipeline stage and does "
+                        f"not combine with parallel.{name}={getattr(self, name)}; set "
+                        f"parallel.{name}=1 or parallel.expert_sharding=ep",
+                    )
         if self.etp not in (1, self.tp):
             _fail("parallel.etp", f"must be 1 or equal to parallel.tp={self.tp}, got {self.etp}")
         pool, pool_name = self.expert_pool
@@ -112,6 +133,15 @@ class ParallelDims:
     @property
     def edp(self) -> int:
         return self.dp_replicate * self.edp_shard
+
+    @property
+    def fssdp(self) -> bool:
+        return self.expert_sharding == "fssdp"
+
+    @property
+    def stage_ranks(self) -> int:
+        """Ranks of one pipeline stage (under FSSDP: the group each expert is sharded over)."""
+        return self.world_size // self.pp
 
     @property
     def dp(self) -> int:
@@ -144,6 +174,13 @@ class ParallelDims:
                 "parallel.etp",
                 f"{self.etp} does not divide model.moe.hidden_dim={model.moe.hidden_dim} "
                 "(expert tensor parallelism splits each expert's hidden dim)",
+            )
+        if num_experts is not None and self.fssdp and model.moe.hidden_dim % self.stage_ranks:
+            _fail(
+                "parallel.expert_sharding",
+                f"'fssdp' splits each expert's hidden dim over the {self.stage_ranks} ranks of a "
+                f"pipeline stage, which do not divide model.moe.hidden_dim="
+                f"{model.moe.hidden_dim}; pick a multiple of {self.stage_ranks}",
             )
         stages = self.pp * virtual_stages
         if stages > model.num_layers:
@@ -223,10 +260,12 @@ class ParallelDims:
 @dataclass
 class Meshes:
     """``dense``: [pp, dp_replicate, dp_shard, tp]; ``experts``: [pp, dp_replicate, edp_shard,
-    ep, etp] over the same ranks (process groups of its own)."""
+    ep, etp] over the same ranks (process groups of its own); ``fssdp`` (FSSDP layouts only):
+    [pp, fssdp], a stage's ranks in rank order along ``fssdp``."""
 
     dense: DeviceMesh
     experts: DeviceMesh
+    fssdp: DeviceMesh | None = None
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
@@ -237,4 +276,8 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
         _fail("parallel", f"the process group has {world} ranks, the layout {dims.world_size}")
     dense = DeviceMesh(device_type, dims.rank_grid(), mesh_dim_names=DENSE_AXES)
     experts = DeviceMesh(device_type, dims.expert_grid(), mesh_dim_names=EXPERT_AXES)
-    return Meshes(dense, experts)
+    fssdp = None
+    if dims.fssdp:
+        grid = dims.rank_grid().view(dims.pp, dims.stage_ranks)
+        fssdp = DeviceMesh(device_type, grid, mesh_dim_names=FSSDP_AXES)
+    return Meshes(dense, experts, fssdp)

@@ -1,4 +1,5 @@
-"""Apply a layout to a model: pipeline stages, then TP, EP, activation checkpointing, FSDP2.
+"""Apply a layout to a model: pipeline stages, then TP, EP (or FSSDP), activation checkpointing,
+FSDP2.
 
 The full model is built and initialized identically on every rank (same seed, same order of
 draws), then cut and sharded; sharding only keeps local slices (``distribute_tensor`` with
@@ -6,10 +7,12 @@ draws), then cut and sharded; sharding only keeps local slices (``distribute_ten
 
 Order per stage chunk (as torchtitan): TP plans on each block and the ends -> expert weights as
 DTensors sharded on E over the EP axis (and on F over ETP), dispatcher replaced by the
-all-to-all one (overlap chunks and flat or hierarchical exchange from ``EPOptions``) ->
-activation checkpointing flag -> ``fully_shard`` of each MoE layer's experts over their
-expert-data-parallel ranks, of each block and of the chunk over the dense data-parallel ranks
-(HSDP with dp_replicate).
+all-to-all one (overlap chunks and flat or hierarchical exchange from ``EPOptions``) — or, with
+``expert_sharding=fssdp``, expert weights as DTensors sharded on F over the stage's ranks and the
+FSSDP dispatcher (``moetrain.parallel.fssdp``) -> activation checkpointing flag ->
+``fully_shard`` of each MoE layer's experts over their expert-data-parallel ranks (not under
+FSSDP, which shards them itself), of each block and of the chunk over the dense data-parallel
+ranks (HSDP with dp_replicate).
 
 Gradient reductions: FSDP2 **sums** (divide factor 1) — the trainer scales each micro-batch's
 loss by 1/(micro-batches in the global batch), so dense gradients summed over the dp ranks and
@@ -37,6 +40,7 @@ from moetrain.moe.layer import MoELayer
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.ep import AllToAllDispatcher, EPOptions
 from moetrain.parallel.ep_comm import HierarchicalAllToAll, NodeGroups
+from moetrain.parallel.fssdp import FSSDPOptions, apply_fssdp
 from moetrain.parallel.tp import (
     ParamRef,
     apply_tp_block,
@@ -189,7 +193,7 @@ def _fsdp(module: nn.Module, mesh, **kwargs) -> None:
 def apply_fsdp(chunk: nn.Module, ctx: ParallelContext) -> None:
     dims = ctx.dims
     assert ctx.meshes is not None
-    experts_fsdp = dims.edp > 1
+    experts_fsdp = dims.edp > 1 and not dims.fssdp  # FSSDP shards the experts itself
     expert_params: set[nn.Parameter] = set()
     for layer in _moe_layers(chunk):
         if experts_fsdp:
@@ -217,11 +221,13 @@ def parallelize(
     activation_checkpointing: bool = False,
     virtual_stages: int = 1,
     ep_options: EPOptions | None = None,
+    fssdp_options: FSSDPOptions | None = None,
 ) -> ParallelModel:
-    """Cut ``model`` into this rank's pipeline stages and apply TP, EP, activation
+    """Cut ``model`` into this rank's pipeline stages and apply TP, EP or FSSDP, activation
     checkpointing and FSDP2 as ``ctx.dims`` says (``ep_options``: how the all-to-all
-    dispatcher overlaps and exchanges). In one process the model is returned as is (with
-    activation checkpointing if asked)."""
+    dispatcher overlaps and exchanges; ``fssdp_options``: rematerialization and the planner's
+    slack). In one process the model is returned as is (with activation checkpointing if
+    asked)."""
     dims = ctx.dims
     ep_options = ep_options or EPOptions()
     blocks = [cast(TransformerBlock, b) for b in model.layers]
@@ -257,7 +263,12 @@ def parallelize(
                 tp_partial += tp_partial_params(block)
             apply_tp_ends(chunk, tp_mesh, first=s == 0, last=s == num_stages - 1)
         for layer in _moe_layers(chunk):
-            apply_ep(layer, ctx, ep_options, node_groups)
+            if dims.fssdp:
+                if dims.stage_ranks > 1:  # one rank per stage: the experts stay whole
+                    assert ctx.meshes.fssdp is not None
+                    apply_fssdp(layer, ctx.meshes.fssdp["fssdp"], fssdp_options)
+            else:
+                apply_ep(layer, ctx, ep_options, node_groups)
         apply_fsdp(chunk, ctx)
     moe_layers = [m for c in chunks for m in _moe_layers(c)]
     return ParallelModel(

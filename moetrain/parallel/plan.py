@@ -25,10 +25,12 @@ def describe_plan(
     """The plan for ``model`` (build it on the meta device: only shapes are read)."""
     num_layers = len(model.layers)  # type: ignore[arg-type]
     ranges = dims.layer_ranges(num_layers, virtual_stages)
+    experts_text = f"ep {dims.ep}, etp {dims.etp}, edp {dims.edp}"
+    if dims.fssdp:
+        experts_text = f"fssdp over the {dims.stage_ranks} ranks of each stage"
     lines = [
         f"world {dims.world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate} x "
-        f"dp_shard {dims.dp_shard} x tp {dims.tp}; experts: ep {dims.ep}, etp {dims.etp}, "
-        f"edp {dims.edp}",
+        f"dp_shard {dims.dp_shard} x tp {dims.tp}; experts: {experts_text}",
         f"dense mesh {dict(zip(DENSE_AXES, dims.rank_grid().shape))}",
         f"expert mesh {dict(zip(EXPERT_AXES, dims.expert_grid().shape))}",
         "stages: " + ", ".join(f"{i}: layers {r.start}-{r.stop - 1}" for i, r in enumerate(ranges)),
@@ -47,7 +49,10 @@ def describe_plan(
         dense_share = dense // (dims.tp * dims.dp_shard)
         expert_share = expert // (dims.ep * dims.etp * dims.edp_shard)
         experts = "-"
-        if num_experts:
+        if num_experts and dims.fssdp:  # 1/N of each expert's F, materialized as routed
+            expert_share = expert // dims.stage_ranks
+            experts = f"all, F/{dims.stage_ranks}"
+        elif num_experts:
             held = dims.local_experts(c.ep, num_experts)
             experts = f"{held.start}-{held.stop - 1}"
         layer_text = ",".join(f"{r.start}-{r.stop - 1}" for r in mine)
@@ -58,6 +63,10 @@ def describe_plan(
         )
     lines.append(
         "params per rank exclude embeddings and head; shares assume FSDP over dp_shard "
-        "(dense) and edp_shard (experts)"
+        + (
+            "(dense); experts: their FSSDP shards"
+            if dims.fssdp
+            else "(dense) and edp_shard (experts)"
+        )
     )
     return "\n".join(lines)

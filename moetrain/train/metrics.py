@@ -6,6 +6,10 @@ Every logged step is one JSON object in ``<run.dir>/metrics.jsonl`` with at leas
 share of the step's assignments), ``dead_experts`` (per MoE layer, experts that got no
 assignment in the step), ``router_entropy`` (nats, mean over tokens, layers and micro-batches)
 and, with capacity dropping, ``dropped_frac_by_position`` (8 equal spans of the sequence).
+Under FSSDP (``parallel.expert_sharding=fssdp``) rows also carry, per MoE layer and averaged
+over the step's calls, ``fssdp_replicas`` (ranks that materialized each expert),
+``fssdp_max_over_mean`` (the placement's straggler factor: the busiest rank's rows over the
+mean) and ``fssdp_materialized`` ((expert, rank) materializations per call).
 Evaluation rows carry ``val_loss`` and ``val_bpt`` instead.
 """
 
@@ -21,6 +25,7 @@ import torch
 
 from moetrain.moe import MoELayer
 from moetrain.moe.layer import MoEStats
+from moetrain.parallel.fssdp_plan import PlanStats
 
 # bf16 dense peak per GPU, FLOP/s (vendor figures, no sparsity)
 KNOWN_GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -55,6 +60,9 @@ class StepStats:
     entropy_terms: int = 0
     drops_by_position: torch.Tensor | None = None  # summed over layers and micro-batches
     assignments_per_position: int = 0
+    # FSSDP placements, per MoE layer: [replicas per expert (E), max/mean rows, (expert, rank)
+    # materializations, calls], each summed over the step's calls
+    plans: list[torch.Tensor] = field(default_factory=list)
 
     def add_micro_batch(self, loss: torch.Tensor, moe_layers: list[MoELayer]) -> None:
         """One micro-batch's loss and each layer's ``last_stats`` (layer ``i`` of the list)."""
@@ -84,6 +92,18 @@ class StepStats:
         while len(self.load) <= index:
             self.load.append(torch.zeros_like(counts))
         self.load[index] = self.load[index] + counts
+
+    def add_plan_stats(self, index: int, plan: PlanStats) -> None:
+        """One FSSDP placement of MoE layer ``index`` (report it from one rank per stage)."""
+        row = torch.cat(
+            [
+                plan.replicas_E.double(),
+                torch.tensor([plan.max_over_mean, plan.materialized, 1.0], dtype=torch.float64),
+            ]
+        )
+        while len(self.plans) <= index:
+            self.plans.append(torch.zeros_like(row))
+        self.plans[index] = self.plans[index] + row
 
     _SCALARS = (
         "loss_sum",
@@ -115,8 +135,16 @@ class StepStats:
         drops = torch.zeros(seq_len, dtype=torch.float64)
         if self.drops_by_position is not None:
             drops[: self.drops_by_position.numel()] = self.drops_by_position.double()
+        plans = torch.zeros(num_layers, num_experts + 3, dtype=torch.float64)
+        for i, row in enumerate(self.plans):
+            plans[i] = row
         vec = torch.cat(
-            [torch.tensor([*head, float(has_drops)], dtype=torch.float64), load.flatten(), drops]
+            [
+                torch.tensor([*head, float(has_drops)], dtype=torch.float64),
+                load.flatten(),
+                drops,
+                plans.flatten(),
+            ]
         )
         vec = reduce(vec)
         out = StepStats()
@@ -125,7 +153,10 @@ class StepStats:
         n = len(head) + 1
         out.load = list(vec[n : n + load.numel()].view(num_layers, num_experts).float())
         if vec[len(head)] > 0:
-            out.drops_by_position = vec[n + load.numel() :].long()
+            out.drops_by_position = vec[n + load.numel() : n + load.numel() + seq_len].long()
+        reduced_plans = vec[n + load.numel() + seq_len :].view(num_layers, -1)
+        if reduced_plans[:, -1].sum() > 0:
+            out.plans = list(reduced_plans)
         return out
 
     def as_dict(self) -> dict:
@@ -139,6 +170,18 @@ class StepStats:
             "dead_experts": [int((c == 0).sum()) for c in self.load],
             "router_entropy": self.entropy / self.entropy_terms if self.entropy_terms else 0.0,
             **self._drops_by_position(),
+            **self._plans(),
+        }
+
+    def _plans(self) -> dict:
+        """FSSDP placement statistics per MoE layer, averaged over the step's calls."""
+        if not self.plans:
+            return {}
+        means = [row / row[-1].clamp(min=1) for row in self.plans]
+        return {
+            "fssdp_replicas": [m[:-3].tolist() for m in means],
+            "fssdp_max_over_mean": [float(m[-3]) for m in means],
+            "fssdp_materialized": [float(m[-2]) for m in means],
         }
 
     def _drops_by_position(self, buckets: int = 8) -> dict:

@@ -29,10 +29,11 @@ from moetrain.checkpoint.hf import load_hf_weights
 from moetrain.checkpoint.native import load_model_weights, resolve
 from moetrain.checkpoint.safetensors_io import is_hf_dir
 from moetrain.config.schema import Config
-from moetrain.config.validate import ep_options, parallel_dims
+from moetrain.config.validate import ep_options, fssdp_options, parallel_dims
 from moetrain.data import BatchIterator, ShuffledSampler, build_datasets, build_tokenizer
 from moetrain.models import Transformer
 from moetrain.parallel.context import ParallelContext, close_parallel, init_parallel
+from moetrain.parallel.fssdp import FSSDPDispatcher
 from moetrain.parallel.grads import clip_grad_norm, finish_partial_grads
 from moetrain.parallel.parallelize import parallelize
 from moetrain.parallel.pipeline import build_schedule, pipeline_forward
@@ -85,7 +86,12 @@ class Trainer:
         self.num_params, self.num_active_params = model.num_params(), model.num_active_params()
         self.flops_per_token = model.flops_per_token(t.seq_len)
         self.pm = parallelize(
-            model, self.ctx, p.activation_checkpointing, p.pp_virtual_stages, ep_options(cfg)
+            model,
+            self.ctx,
+            p.activation_checkpointing,
+            p.pp_virtual_stages,
+            ep_options(cfg),
+            fssdp_options(cfg),
         )
         self.model = self.pm.module
         self.moe_layers = self.pm.moe_layers
@@ -97,6 +103,8 @@ class Trainer:
             layer.stats_log = []
             if self.ctx.distributed and dims.dp > 1:
                 layer.reduce_global_counts = self.ctx.reduce_over_dp
+            if isinstance(layer.dispatcher, FSSDPDispatcher):
+                layer.dispatcher.stats_log = []  # placement statistics, drained every step
         self.params = self.pm.parameters()
         self.state_module = self.pm.state_module()
         if cfg.checkpoint.init_from:  # weights only; a fresh run otherwise
@@ -195,9 +203,9 @@ class Trainer:
     def checkpoints_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def _layout(self) -> dict[str, int]:
+    def _layout(self) -> dict[str, int | str]:
         d = self.ctx.dims
-        return {
+        layout: dict[str, int | str] = {
             "world_size": d.world_size,
             "pp": d.pp,
             "dp_replicate": d.dp_replicate,
@@ -207,6 +215,9 @@ class Trainer:
             "etp": d.etp,
             "pp_virtual_stages": self.cfg.parallel.pp_virtual_stages,
         }
+        if d.fssdp:  # only then: checkpoints of ep layouts keep their layout key as before
+            layout["expert_sharding"] = d.expert_sharding
+        return layout
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the state after ``self.step`` steps (every rank calls this)."""
@@ -313,11 +324,19 @@ class Trainer:
     def _step_stats(self, loss_sum: float, micro_batches: int) -> StepStats:
         stats = StepStats()
         stats.add_losses(loss_sum, micro_batches)
+        # one rank per stage reports the placement plans (every rank of the stage has them)
+        report_plans = self.ctx.dp_rank == 0
         for layer, index in zip(self.moe_layers, self.pm.moe_ids):
             assert layer.stats_log is not None
             for s in layer.stats_log:
                 stats.add_layer_stats(index, s)
             layer.stats_log.clear()
+            if isinstance(layer.dispatcher, FSSDPDispatcher):
+                plans = layer.dispatcher.stats_log
+                assert plans is not None
+                for plan in plans if report_plans else ():
+                    stats.add_plan_stats(index, plan)
+                plans.clear()
         if not self.ctx.distributed:
             return stats
         E = self.cfg.model.moe.num_experts

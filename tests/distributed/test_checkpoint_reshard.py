@@ -52,6 +52,25 @@ def test_reshard(pair, data_dir, tmp_path):
     assert resumed["aux_loss"] == pytest.approx(saved["aux_loss"][2:], rel=1e-5)
 
 
+FSSDP = ["parallel.expert_sharding=fssdp"]
+
+
+@pytest.mark.timeout(300)
+def test_fssdp_checkpoints_interchange_with_ep(data_dir, tmp_path):
+    """Saved under FSSDP (experts sharded on F over 2 ranks), resumed under EP (sharded on E),
+    saved again and resumed under FSSDP over 4 ranks: every resumed step's loss is the one the
+    uninterrupted FSSDP run computes (AdamW: the optimizer moments travel too)."""
+    saved = run(2, data_dir, [*ADAMW, *FSSDP], 4, str(tmp_path / "a"), at=2)
+    ckpt_a = tmp_path / "a" / "checkpoints" / "00000002"
+    ep = run(2, data_dir, [*ADAMW, "parallel.ep=2", f"checkpoint.resume={ckpt_a}"], 1,
+             str(tmp_path / "b"), at=3)  # fmt: skip
+    assert ep["loss"] == pytest.approx(saved["loss"][2:3], rel=1e-5)
+    ckpt_b = tmp_path / "b" / "checkpoints" / "00000003"
+    back = run(4, data_dir, [*ADAMW, *FSSDP, f"checkpoint.resume={ckpt_b}"], 1, str(tmp_path / "c"))
+    assert back["loss"] == pytest.approx(saved["loss"][3:], rel=1e-5)
+    assert back["aux_loss"] == pytest.approx(saved["aux_loss"][3:], rel=1e-5)
+
+
 @pytest.mark.timeout(300)
 def test_load_model_from_a_4_rank_checkpoint(data_dir, tmp_path):
     """moetrain.load_model reads a checkpoint saved by ep2 on 4 ranks in one process, with no

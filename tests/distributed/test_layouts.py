@@ -2,7 +2,8 @@
 
 For each layout, three SGD steps of ``tiny`` (dropless, fp32, z-loss on) on the same global
 batch give the same per-step losses, grad norms and aux/z-loss values (rtol 1e-5) as the
-single-process run over the same micro-batches, and the same final weights (atol 1e-5).
+single-process run over the same micro-batches, and the same final weights (atol 1e-5). FSSDP
+layouts (``parallel.expert_sharding=fssdp``) are in the matrix like the others.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ LAYOUTS = {
     "ep2_folded_dp4_overlap3_ac": (
         4,
         ["parallel.ep=2", "parallel.ep_overlap_chunks=3", "parallel.activation_checkpointing=true"],
+    ),
+    # FSSDP: every expert sharded over all ranks, materialized where its tokens are
+    "fssdp2": (2, ["parallel.expert_sharding=fssdp"]),
+    "fssdp4": (4, ["parallel.expert_sharding=fssdp"]),
+    # FSSDP over the 2 ranks of each pipeline stage, HSDP dense weights, no rematerialization,
+    # activation checkpointing
+    "pp2_fssdp2_hsdp_ac": (
+        4,
+        [
+            "parallel.expert_sharding=fssdp",
+            "parallel.pp=2",
+            "parallel.dp_replicate=2",
+            "parallel.fssdp_rematerialize=false",
+            "parallel.activation_checkpointing=true",
+        ],
     ),
 }
 
@@ -106,12 +122,16 @@ CAPACITY = ["model.moe.capacity_factor=1.0"]
 
 
 @pytest.mark.timeout(240)
-def test_capacity_factor_ep2_is_per_rank_local_tokens(data_dir):
+@pytest.mark.parametrize(
+    "world, layout", [(2, ["parallel.ep=2"]), (4, ["parallel.expert_sharding=fssdp"])]
+)
+def test_capacity_factor_is_per_rank_local_tokens(data_dir, world, layout):
     """Capacity is computed from each rank's own micro-batch (as Megatron-Core), which is the
-    micro-batch the single-process run sees at the same position: identical drops."""
+    micro-batch the single-process run sees at the same position: identical drops (with EP, and
+    with FSSDP, whose placement only moves the kept rows)."""
     ref = reference(data_dir, CAPACITY)
     results = run_distributed(
-        train_steps_rank, 2, data_dir, [*CAPACITY, "parallel.ep=2"], 3, timeout=200
+        train_steps_rank, world, data_dir, [*CAPACITY, *layout], 3, timeout=200
     )
     assert_matches(results, ref)
 

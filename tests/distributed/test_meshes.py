@@ -15,6 +15,7 @@ LAYOUTS = {
     "tp2_ep2_etp2": dict(tp=2, ep=2, etp=2),
     "pp2_tp2": dict(pp=2, tp=2),
     "hsdp2x2_ep2": dict(dp_replicate=2, ep=2),
+    "pp2_hsdp_fssdp": dict(pp=2, dp_replicate=2, expert_sharding="fssdp"),
 }
 
 
@@ -45,6 +46,13 @@ def check_groups(rank: int, world_size: int, kwargs: dict) -> None:
     assert len(replicas) == dims.edp
     flat = meshes.experts["dp_replicate", "edp_shard"]._flatten("edp")
     assert group_sum(flat, "edp", rank) == sum(c.rank for c in replicas)
+    if dims.fssdp:  # the FSSDP group: every rank of this pipeline stage, in rank order
+        assert meshes.fssdp is not None
+        stage = [c.rank for c in coords if c.pp == me.pp]
+        assert meshes.fssdp["fssdp"].mesh.tolist() == stage
+        assert group_sum(meshes.fssdp, "fssdp", rank) == sum(stage)
+    else:
+        assert meshes.fssdp is None
 
 
 @pytest.mark.timeout(120)
