@@ -56,3 +56,26 @@ def expert_flops(routed_rows: int, dim: int, hidden_dim: int, activation: str = 
 def fraction_of_peak(flops: float, seconds: float, peak_flops: float) -> float:
     """``(flops / peak) / seconds``: 1.0 means the layer ran its expert GEMMs at the peak rate."""
     return flops / peak_flops / seconds
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def retain_freed_memory() -> None:
+    """Make this process's glibc malloc keep freed memory for reuse instead of returning it to
+    the kernel: no ``mmap`` for large blocks, no trimming of the heap. By default every block of
+    32 MB or more (an ``[R, D]`` row tensor of the fine-grained shape is 64 MB) is mapped fresh
+    and unmapped on free, so each new one costs page faults on first touch (docs/benchmarks.md);
+    a caching allocator (jemalloc, tcmalloc via ``LD_PRELOAD``) has the same effect. The process's
+    resident memory then stays at its high-water mark. Benchmarks apply it to every peer alike;
+    raises ``OSError`` where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallopt"):
+        raise OSError("retain_freed_memory needs glibc's mallopt")
+    for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)):
+        if libc.mallopt(param, value) != 1:
+            raise OSError(f"mallopt({param}, {value}) failed")

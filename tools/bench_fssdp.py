@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--no-pin", action="store_true", help="do not pin each process to a core")
     parser.add_argument("--cluster", action="store_true", help="also 4 processes on 2 sim. nodes")
     parser.add_argument("--cluster-tokens", type=int, default=None, help="T per rank there")
-    parser.add_argument("--rate", default="", help="cluster link rate (netem), e.g. 1gbit")
+    parser.add_argument("--rate", default="", help="cluster link rate (tc tbf), e.g. 1gbit")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     skews = args.skews.split(",")

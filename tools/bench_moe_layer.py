@@ -2,12 +2,13 @@
 
     python tools/bench_moe_layer.py [--cases coarse,fine] [--modes dropless,cf1.25]
         [--peers moetrain,reference,balanced_bmm,deepspeed,transformers] [--repeats 5]
-        [--threads N] [--no-ops] [--json] [--ep N]
+        [--threads N] [--no-ops] [--json] [--ep N] [--retain-freed-memory]
 
 Also times the dispatch/combine ops (csrc kernels vs pure-torch references) at the same shapes,
 unless --no-ops. With --ep N: N gloo processes on loopback (--threads each, default 1), every
 rank with E/N experts and the case's tokens, peers moetrain, moetrain_overlap2, deepspeed and
-balanced_bmm (moetrain.bench.moe_layer_ep).
+balanced_bmm (moetrain.bench.moe_layer_ep). --retain-freed-memory: glibc malloc keeps freed
+memory in every benchmark process (moetrain.perf.retain_freed_memory), as a caching allocator would.
 
 Not a test: figures are only comparable within one run (docs/benchmarks.md).
 """
@@ -24,6 +25,7 @@ import torch
 from moetrain.bench.moe_layer import CASES, MODES, format_table, run, shapes
 from moetrain.bench.moe_layer_ep import format_ep_table, run_ep
 from moetrain.bench.peers import EP_PEERS, PEERS
+from moetrain.perf import retain_freed_memory
 
 
 def main() -> None:
@@ -38,6 +40,11 @@ def main() -> None:
     parser.add_argument("--no-ops", action="store_true", help="skip csrc-vs-reference op timings")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel processes (gloo)")
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory (no fresh mmap per large tensor), for every peer",
+    )
     args = parser.parse_args()
     all_peers = EP_PEERS if args.ep > 1 else PEERS
     args.peers = args.peers or ",".join(all_peers)
@@ -52,10 +59,19 @@ def main() -> None:
         for case in cases:
             if CASES[case]["num_experts"] % args.ep:
                 parser.error(f"--ep {args.ep} does not divide case {case}'s experts")
-        result = run_ep(args.ep, shapes(cases, modes), peers, args.repeats, args.threads or 1)
+        result = run_ep(
+            args.ep,
+            shapes(cases, modes),
+            peers,
+            args.repeats,
+            args.threads or 1,
+            retain_memory=args.retain_freed_memory,
+        )
         print(json.dumps(result) if args.json else format_ep_table(result))
         return
     threads = args.threads or torch.get_num_threads()
+    if args.retain_freed_memory:
+        retain_freed_memory()
     # peers' own output (DeepSpeed logs to stdout) goes to stderr: --json prints one object
     with contextlib.redirect_stdout(sys.stderr):
         result = run(cases, modes, peers, args.repeats, threads, ops=not args.no_ops)

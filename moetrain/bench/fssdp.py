@@ -437,7 +437,7 @@ def run_cluster(
     timeout: float = 3600,
 ) -> dict[str, Any]:
     """2 simulated nodes x 2 processes (``launch/sim_cluster.sh``; ``rate`` shapes each node's
-    link with netem, empty = unlimited); returns rank 0's result. Workers' output: stderr."""
+    link with tc tbf, empty = unlimited); returns rank 0's result. Workers' output: stderr."""
     from moetrain.testing.distributed import free_port
 
     with tempfile.TemporaryDirectory(prefix="bench_fssdp") as tmp:

@@ -26,7 +26,13 @@ import torch.distributed as dist
 
 from moetrain.bench.peers import EP_PEERS, Peer, PeerUnavailable, Shape
 from moetrain.ops import active_backend
-from moetrain.perf import PEAK_N, expert_flops, fraction_of_peak, measure_peak_flops
+from moetrain.perf import (
+    PEAK_N,
+    expert_flops,
+    fraction_of_peak,
+    measure_peak_flops,
+    retain_freed_memory,
+)
 from moetrain.testing import run_distributed
 
 
@@ -98,8 +104,11 @@ def ep_worker(
     repeats: int,
     threads: int,
     peak_n: int = PEAK_N,
+    retain_memory: bool = False,
 ) -> dict:
     """One rank of ``run_ep`` (``run_distributed`` calls it with the default group up)."""
+    if retain_memory:
+        retain_freed_memory()
     # DeepSpeed logs to stdout: keep this process's stdout off the parent's (--json prints there)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     torch.set_num_threads(threads)
@@ -122,11 +131,13 @@ def run_ep(
     threads: int = 1,
     timeout: float = 3600.0,
     peak_n: int = PEAK_N,
+    retain_memory: bool = False,
 ) -> dict:
     """Every shape x peer on ``ep`` gloo processes (``threads`` each); returns the JSON-able
     result (``combine_ranks``). ``peak_n``: size of the peak GEMM (the documented 2048; tests
-    take a small one). Raises what ``run_distributed`` raises: a rank's traceback, or
-    ``TimeoutError`` after ``timeout`` seconds."""
+    take a small one); ``retain_memory``: every rank keeps freed memory
+    (``moetrain.perf.retain_freed_memory``). Raises what ``run_distributed`` raises: a rank's
+    traceback, or ``TimeoutError`` after ``timeout`` seconds."""
     unknown = set(peers) - set(EP_PEERS)
     if unknown:
         raise ValueError(f"unknown EP peers {sorted(unknown)}; choose from {list(EP_PEERS)}")
@@ -134,11 +145,14 @@ def run_ep(
         if shape.num_experts % ep:
             raise ValueError(f"ep={ep} does not divide num_experts={shape.num_experts}")
     per_rank = run_distributed(
-        ep_worker, ep, shapes, peers, repeats, threads, peak_n, timeout=timeout
+        ep_worker, ep, shapes, peers, repeats, threads, peak_n, retain_memory, timeout=timeout
     )
     result = combine_ranks(per_rank)
     result.update(
-        threads_per_rank=threads, torch=torch.__version__, ops_backend=per_rank[0]["ops_backend"]
+        threads_per_rank=threads,
+        torch=torch.__version__,
+        ops_backend=per_rank[0]["ops_backend"],
+        retain_freed_memory=retain_memory,
     )
     result["tokens_per_rank"] = {s.name: s.num_tokens for s in shapes}
     return result
