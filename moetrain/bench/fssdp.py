@@ -35,11 +35,7 @@ import ctypes
 import gc
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -49,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moetrain.bench import sim_cluster
 from moetrain.bench.skew import SKEWS, SkewedRouter
 from moetrain.moe import MoEConfig, MoELayer
 from moetrain.moe.experts import GroupedExperts
@@ -60,7 +57,6 @@ from moetrain.perf import expert_flops, measure_peak_flops
 # fssdp_keep: FSSDP without rematerialization (the gathered experts kept from forward to backward)
 LAYOUTS = ("ep", "fssdp", "fssdp_keep")
 DEFAULT_LAYOUTS = ("ep", "fssdp")
-SIM_CLUSTER = Path(__file__).resolve().parents[2] / "launch" / "sim_cluster.sh"
 
 
 @dataclass(frozen=True)
@@ -421,11 +417,7 @@ def shape_args(
 
 def cluster_problem() -> str | None:
     """Why the simulated cluster cannot run here (None: it can)."""
-    if os.geteuid() != 0:
-        return "bench_fssdp: the simulated 2-node cluster needs root (network namespaces)"
-    if not SIM_CLUSTER.exists():
-        return f"bench_fssdp: {SIM_CLUSTER} not found (run from a source checkout)"
-    return None
+    return sim_cluster.cluster_problem("bench_fssdp")
 
 
 def run_cluster(
@@ -436,37 +428,16 @@ def run_cluster(
     rate: str = "",
     timeout: float = 3600,
 ) -> dict[str, Any]:
-    """2 simulated nodes x 2 processes (``launch/sim_cluster.sh``; ``rate`` shapes each node's
-    link with tc tbf, empty = unlimited); returns rank 0's result. Workers' output: stderr."""
-    from moetrain.testing.distributed import free_port
-
-    with tempfile.TemporaryDirectory(prefix="bench_fssdp") as tmp:
-        out = Path(tmp) / "result.json"
-        env = {
-            **os.environ,
-            "NODES": "2",
-            "NPROC_PER_NODE": "2",
-            "RATE": rate,
-            "DELAY": "",
-            "MODULE": "moetrain.bench.fssdp",
-            "OMP_NUM_THREADS": "1",
-            "MASTER_PORT": str(free_port()),
-            "PREFIX": f"mtfs{os.getpid() % 100000}",  # namespace names stay under 15 characters
-            "SUBNET": "10.78.0",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
-        args = shape_args(shape, skews, repeats, layouts)
-        cmd = ["bash", str(SIM_CLUSTER), "--out", str(out), *args]
-        proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr)
-        try:
-            code = proc.wait(timeout=timeout)
-        except BaseException:  # timeout or Ctrl-C: SIGTERM lets the script delete its namespaces
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-            raise
-        if code != 0 or not out.exists():
-            raise RuntimeError(f"launch/sim_cluster.sh exited {code}; see above")
-        return json.loads(out.read_text())
+    """2 simulated nodes x 2 processes (``rate`` shapes each node's link with tc tbf, empty =
+    unlimited); returns rank 0's result."""
+    return sim_cluster.run_on_sim_cluster(
+        "moetrain.bench.fssdp",
+        shape_args(shape, skews, repeats, layouts),
+        prefix=f"mtfs{os.getpid() % 100000}",
+        rate=rate,
+        subnet="10.78.0",
+        timeout=timeout,
+    )
 
 
 def _main_figure_skews(skews: Sequence[str]) -> list[str]:

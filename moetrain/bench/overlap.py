@@ -25,12 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -42,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moetrain.bench import sim_cluster
 from moetrain.moe import MoEConfig, MoELayer
 from moetrain.moe.dispatcher import Routing, sort_by_expert
 from moetrain.moe.experts import GroupedExperts
@@ -55,11 +52,6 @@ from moetrain.parallel.ep_comm import (
 )
 
 EXCHANGES_PER_STEP = 4  # dispatch, combine (forward); their gradients (backward)
-SIM_CLUSTER = Path(__file__).resolve().parents[2] / "launch" / "sim_cluster.sh"
-NOT_ROOT = (
-    "bench_overlap: needs root to create the simulated cluster's network namespaces; "
-    "run it with sudo (e.g. sudo .venv/bin/python tools/bench_overlap.py)"
-)
 
 
 @dataclass(frozen=True)
@@ -445,49 +437,19 @@ def worker_args(args: argparse.Namespace) -> list[str]:
 
 def cluster_problem() -> str | None:
     """Why the simulated cluster cannot run here (None: it can)."""
-    if os.geteuid() != 0:
-        return NOT_ROOT
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"bench_overlap: needs '{tool}' (iproute2) for the simulated cluster; install it"
-    if not SIM_CLUSTER.exists():
-        return f"bench_overlap: {SIM_CLUSTER} not found (run from a source checkout)"
-    return None
+    return sim_cluster.cluster_problem("bench_overlap")
 
 
 def run_cluster(rate: str, args: Sequence[str], index: int, timeout: float) -> dict[str, Any]:
-    """One ``launch/sim_cluster.sh`` run (2 nodes x 2 processes, each node's link shaped to
-    ``rate`` by the script's ``RATE`` (tc tbf), "none" = unlimited) of
-    the worker; returns rank 0's result. The workers' output goes to stderr."""
-    from moetrain.testing.distributed import free_port
-
-    with tempfile.TemporaryDirectory(prefix="bench_overlap") as tmp:
-        out = Path(tmp) / "result.json"
-        env = {
-            **os.environ,
-            "NODES": "2",
-            "NPROC_PER_NODE": "2",
-            "RATE": "" if rate == "none" else rate,
-            "DELAY": "",
-            "MODULE": "moetrain.bench.overlap",
-            "OMP_NUM_THREADS": "1",
-            "MASTER_PORT": str(free_port()),
-            "PREFIX": f"mtbo{os.getpid() % 10000}{index}",  # names stay under 15 characters
-            # sudo resets PATH: torchrun must be this interpreter's
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
-        cmd = ["bash", str(SIM_CLUSTER), "--out", str(out), "--label", rate, *args]
-        proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr)
-        try:
-            code = proc.wait(timeout=timeout)
-        except BaseException:  # timeout or Ctrl-C: SIGTERM lets the script delete its namespaces
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-            raise
-        if code != 0 or not out.exists():
-            raise RuntimeError(f"launch/sim_cluster.sh (RATE={rate}) exited {code}; see above")
-        result = json.loads(out.read_text())
-        return result
+    """One simulated-cluster run (2 nodes x 2 processes, each node's link shaped to ``rate``,
+    "none" = unlimited) of the worker; returns rank 0's result."""
+    return sim_cluster.run_on_sim_cluster(
+        "moetrain.bench.overlap",
+        ["--label", rate, *args],
+        prefix=f"mtbo{os.getpid() % 10000}{index}",
+        rate="" if rate == "none" else rate,
+        timeout=timeout,
+    )
 
 
 def run(rates: Sequence[str], args: Sequence[str], timeout: float = 600) -> dict[str, Any]:

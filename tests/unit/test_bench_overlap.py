@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moetrain.bench import overlap
+from moetrain.bench import overlap, sim_cluster
 from moetrain.bench.overlap import (
     Shape,
     format_table,
@@ -82,7 +82,7 @@ def test_chunks_must_overlap():
 
 
 def test_without_root_the_tool_says_sudo_and_exits_3(monkeypatch, capsys):
-    monkeypatch.setattr(overlap.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(sim_cluster.os, "geteuid", lambda: 1000)
     monkeypatch.setattr("sys.argv", ["bench_overlap.py"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(TOOL), run_name="__main__")
