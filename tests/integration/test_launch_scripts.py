@@ -73,8 +73,10 @@ def test_slurm_under_a_fake_allocation(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
     scontrol = fake / "scontrol"
+    # a long host list: a reader that stops after the first line would SIGPIPE scontrol
     scontrol.write_text(
-        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[3-4]" ] || exit 9\necho gpu3\necho gpu4\n'
+        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[3-4]" ] || exit 9\necho gpu3\n'
+        "i=0; while [ $i -lt 20000 ]; do echo gpu4; i=$((i+1)); done\n"
     )
     scontrol.chmod(0o755)
     cmd = dry_run(
