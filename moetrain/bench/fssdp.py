@@ -36,6 +36,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -384,6 +385,16 @@ def worker(argv: Sequence[str] | None = None) -> None:
             Path(args.out).write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+    # The FSSDP layers' DTensors leave references to the default group behind (torch's
+    # ``group=group.WORLD`` defaults of torch.distributed.nn.functional, imported after
+    # init_process_group, and DeviceMesh), so destroy_process_group cannot join gloo's worker
+    # threads. One of them may drop the last collective's work (and with it tensors whose Python
+    # objects died) while the interpreter finalizes: its GIL acquire then ends the thread,
+    # "terminate called without an active exception" (SIGABRT), and the other node's torchrun
+    # waits out its exit barrier. Everything is written: leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def add_shape_options(parser: argparse.ArgumentParser) -> None:
