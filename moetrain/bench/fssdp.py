@@ -47,9 +47,9 @@ import torch
 import torch.distributed as dist
 
 from moetrain.bench import sim_cluster
+from moetrain.bench.peers import keep_local_experts
 from moetrain.bench.skew import SKEWS, SkewedRouter
 from moetrain.moe import MoEConfig, MoELayer
-from moetrain.moe.experts import GroupedExperts
 from moetrain.parallel.ep import AllToAllDispatcher
 from moetrain.parallel.fssdp import FSSDPDispatcher, FSSDPOptions, apply_fssdp
 from moetrain.parallel.fssdp_plan import static_ep_rows
@@ -85,11 +85,7 @@ def build_layer(shape: Shape, layout: str, skew: str, rank: int, world: int) -> 
     torch.manual_seed(0)
     layer = MoELayer(cfg)
     if layout == "ep":
-        full, local = layer.experts, shape.num_experts // world
-        layer.experts = GroupedExperts(cfg, num_experts=local)
-        with torch.no_grad():
-            for name, p in layer.experts.named_parameters():
-                p.copy_(getattr(full, name)[rank * local : (rank + 1) * local])
+        keep_local_experts(layer, rank, shape.num_experts // world)
         layer.dispatcher = AllToAllDispatcher(shape.num_experts, None)
     else:
         from torch.distributed.device_mesh import DeviceMesh

@@ -276,17 +276,23 @@ def ep_moetrain_layer(shape: Shape, group: Any = None, overlap_chunks: int = 1) 
     experts and dispatching through an ``AllToAllDispatcher`` over ``group`` (None: the
     default group)."""
     torch.manual_seed(0)
-    cfg = _moe_config(shape)
-    layer = MoELayer(cfg)
+    layer = MoELayer(_moe_config(shape))
     dispatcher = AllToAllDispatcher(shape.num_experts, group, overlap_chunks)
-    local = dispatcher.num_local
-    mine = slice(dist.get_rank(group) * local, (dist.get_rank(group) + 1) * local)
-    experts = GroupedExperts(cfg, num_experts=local)
+    keep_local_experts(layer, dist.get_rank(group), dispatcher.num_local)
+    layer.dispatcher = dispatcher
+    return layer
+
+
+def keep_local_experts(layer: MoELayer, ep_rank: int, num_local: int) -> None:
+    """Replace ``layer.experts`` by EP rank ``ep_rank``'s ``num_local`` experts, copied from the
+    full set (so an EP layer has the single-process layer's weights)."""
+    full = layer.experts
+    experts = GroupedExperts(layer.cfg, num_experts=num_local)
+    mine = slice(ep_rank * num_local, (ep_rank + 1) * num_local)
     with torch.no_grad():
         for name, p in experts.named_parameters():
-            p.copy_(getattr(layer.experts, name)[mine])
-    layer.experts, layer.dispatcher = experts, dispatcher
-    return layer
+            p.copy_(getattr(full, name)[mine])
+    layer.experts = experts
 
 
 def ep_moetrain_peer(shape: Shape, overlap_chunks: int = 1) -> Peer:
