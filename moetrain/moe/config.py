@@ -10,10 +10,11 @@ import math
 from dataclasses import dataclass, field
 from typing import List, NoReturn, Optional
 
+from moetrain.moe.router_registry import ROUTERS
+
 ACTIVATIONS = ("swiglu", "gelu")
 DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
-ROUTER_TYPES = ("learned", "random", "hash")
 AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global")
 
 
@@ -44,7 +45,7 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     logit_norm_scale: Optional[float] = None
     router_jitter: float = 0.0
-    router_type: str = "learned"
+    router_type: str = "learned"  # a key of moetrain.moe.router_registry.ROUTERS
     bias_update_rate: Optional[float] = None
     # auxiliary losses
     aux_loss_coeff: float = 0.01
@@ -65,7 +66,7 @@ class MoEConfig:
         _choice(self, "activation", ACTIVATIONS)
         _choice(self, "drop_policy", DROP_POLICIES)
         _choice(self, "score_func", SCORE_FUNCS)
-        _choice(self, "router_type", ROUTER_TYPES)
+        _choice(self, "router_type", tuple(ROUTERS))
         _choice(self, "aux_loss_scope", AUX_LOSS_SCOPES)
         if self.top_k > self.num_experts:
             _fail("top_k", f"{self.top_k} exceeds num_experts={self.num_experts}; lower top_k")
@@ -118,10 +119,13 @@ class MoEConfig:
         if self.bias_update_rate is not None:
             if self.bias_update_rate < 0:
                 _fail("bias_update_rate", f"must be >= 0 or null, got {self.bias_update_rate}")
-            if self.router_type != "learned":
-                _fail("bias_update_rate", "applies to router_type='learned' only")
-        if self.router_type != "learned" and self.num_groups > 1:
-            _fail("num_groups", "group-limited routing applies to router_type='learned' only")
+            if not ROUTERS[self.router_type].uses_expert_bias:
+                _fail("bias_update_rate", f"applies to {_routers_with('uses_expert_bias')} only")
+        if self.num_groups > 1 and not ROUTERS[self.router_type].supports_groups:
+            _fail(
+                "num_groups",
+                f"group-limited routing applies to {_routers_with('supports_groups')} only",
+            )
 
     def _validate_losses(self) -> None:
         if self.aux_loss_coeff < 0:
@@ -155,6 +159,12 @@ class MoEConfig:
 
 def _fail(name: str, why: str) -> NoReturn:
     raise ValueError(f"model.moe.{name}: {why}")
+
+
+def _routers_with(flag: str) -> str:
+    """``router_type='learned'`` (or ``'a' or 'b'``): the registered routers with ``flag`` set."""
+    names = [repr(name) for name, cls in ROUTERS.items() if getattr(cls, flag)]
+    return "router_type=" + " or ".join(names)
 
 
 def _positive(cfg: MoEConfig, *names: str) -> None:

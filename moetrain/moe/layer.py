@@ -29,7 +29,8 @@ from moetrain.moe.capacity import capacity_keep_mask, drops_by_position, expert_
 from moetrain.moe.config import MoEConfig
 from moetrain.moe.dispatcher import Dispatcher, Routing, TokenDispatcher
 from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.router import Router, RouterOutput, build_router
+from moetrain.moe.router import Router, RouterOutput
+from moetrain.moe.router_registry import build_router
 from moetrain.moe.shared_experts import SharedExperts
 
 
@@ -110,7 +111,7 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.aux_coeff = cfg.aux_coeff_for_layer(layer_idx)
-        self.router = build_router(cfg)
+        self.router: Router = build_router(cfg)
         self.experts = GroupedExperts(cfg)
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
         self.dispatcher: Dispatcher = TokenDispatcher(cfg.num_experts)
@@ -122,8 +123,7 @@ class MoELayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
-        if isinstance(self.router, Router):  # random/hash routers have no parameters
-            self.router.reset_parameters(std=std)
+        self.router.reset_parameters(std=std)
         self.experts.reset_parameters(std=std, out_std=out_std)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(std=std, out_std=out_std)
@@ -149,7 +149,7 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, cfg.dim)
         routed = self.router(x_TD, token_ids)
         record = self.training and not recomputing()
-        if record and isinstance(self.router, Router):
+        if record:
             self.router.record_load(routed.topk_ids_TK)
         keep_TK, capacity = self._apply_capacity(routed)
         lb_loss, zl = self._aux_losses(routed, seq_len)
@@ -262,6 +262,4 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def update_expert_bias(self, reduce_load: CountReduce | None = None) -> Tensor | None:
         """Aux-loss-free balancing: once per optimizer step (see ``Router.update_expert_bias``)."""
-        if isinstance(self.router, Router):
-            return self.router.update_expert_bias(reduce_load)
-        return None
+        return self.router.update_expert_bias(reduce_load)

@@ -1,23 +1,26 @@
-"""Routers: pick top-k experts per token and their combine weights.
+"""The router interface: what every MoE router returns and which hooks the layer calls on it.
 
-Legend: T tokens, D model dim, E experts, K top-k, G expert groups.
+Legend: T tokens, D model dim, E experts, K top-k.
 
-All router math runs in fp32 whatever the model dtype. The learned router supports softmax or
-sigmoid scores, group-limited top-k (DeepSeek-V3), gating-logit normalization (Skywork-MoE),
-top-k renormalization, a routed scaling factor, input jitter (Switch) and a per-expert score
-bias used for selection only (DeepSeek-V3 aux-loss-free balancing). ``random`` and ``hash``
-routers are ablation baselines (equal weights 1/K, no learned parameters, no aux losses).
+A router maps ``x_TD`` (and, for routers that need them, the token ids) to K expert ids and K
+combine weights per token. The learned router is :class:`moetrain.moe.topk_router.TopKRouter`;
+``random`` and ``hash`` are ablation baselines (:mod:`moetrain.moe.baseline_routers`). The layer
+builds its router from ``model.moe.router_type`` through :mod:`moetrain.moe.router_registry`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moetrain.moe.config import MoEConfig
+from moetrain.moe.aux_losses import CountReduce
+
+if TYPE_CHECKING:
+    from moetrain.moe.config import MoEConfig
 
 
 @dataclass
@@ -35,176 +38,52 @@ class RouterOutput:
     probs_TE: Tensor | None = None
 
 
-class Router(nn.Module):
-    """Learned linear router ``logits_TE = x_TD @ weight_ED.T`` (fp32)."""
+class Router(nn.Module, ABC):
+    """Base class of every MoE router.
 
-    expert_bias_E: Tensor
-    step_load_E: Tensor
+    A subclass is built as ``cls(cfg)`` from the layer's :class:`MoEConfig` and implements
+    :meth:`forward`; the hooks below default to no-ops for routers without learned state.
+    Checkpointed state lives in the subclass's parameters and persistent buffers.
+
+    Class attributes read by config validation (defaults: a plain router):
+    ``needs_token_ids`` — routes by token id (so only where the ids reach the layer, e.g. not on
+    later pipeline stages); ``uses_expert_bias`` — supports ``bias_update_rate`` (aux-loss-free
+    balancing); ``supports_groups`` — supports group-limited routing (``num_groups > 1``).
+    """
+
+    needs_token_ids: ClassVar[bool] = False
+    uses_expert_bias: ClassVar[bool] = False
+    supports_groups: ClassVar[bool] = False
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
-        # Aux-loss-free balancing state: the bias (selection only) and this step's loads.
-        self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts), persistent=True)
-        self.register_buffer(
-            "step_load_E", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False
-        )
+
+    @abstractmethod
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
+        """Route T tokens: K distinct expert ids per token and their combine weights.
+
+        ``token_ids_T`` (any shape with T entries) is None where the caller has no token ids;
+        a router that needs them raises ``ValueError``. Calling the router records nothing.
+        """
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        nn.init.normal_(self.weight_ED, std=std)
-        self.expert_bias_E.zero_()
-        self.step_load_E.zero_()
+        """(Re)initialize learned weights with normal(0, ``std``) and clear balancing state.
+        The layer calls it from its own ``reset_parameters``."""
 
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
-        # fp32 router math even under autocast (which would run F.linear in bf16)
-        with torch.autocast(x_TD.device.type, enabled=False):
-            return self._route(x_TD)
-
-    def _route(self, x_TD: Tensor) -> RouterOutput:
-        cfg = self.cfg
-        x = x_TD.float()
-        if self.training and cfg.router_jitter > 0:
-            noise = torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
-            x = x * noise
-        logits_TE = F.linear(x, self.weight_ED.float())
-        scores_TE = self._scores(logits_TE)
-        choice_TE = scores_TE.detach()
-        if cfg.bias_update_rate is not None:
-            choice_TE = choice_TE + self.expert_bias_E
-        if cfg.num_groups > 1:
-            choice_TE = mask_to_top_groups(choice_TE, cfg.num_groups, cfg.topk_groups)
-        topk_ids_TK = _stable_topk_indices(choice_TE, cfg.top_k)
-        weights_TK = scores_TE.gather(-1, topk_ids_TK)
-        if cfg.norm_topk_prob:
-            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-        weights_TK = weights_TK * cfg.routed_scaling_factor
-        return RouterOutput(topk_ids_TK, weights_TK, logits_TE, self._probs(scores_TE))
-
-    def _scores(self, logits_TE: Tensor) -> Tensor:
-        cfg = self.cfg
-        if cfg.logit_norm_scale is not None:
-            # Skywork-MoE gating-logit normalization: standardize each token's logits, rescale.
-            mean = logits_TE.mean(-1, keepdim=True)
-            std = logits_TE.std(-1, keepdim=True)
-            logits_TE = cfg.logit_norm_scale * (logits_TE - mean) / (std + 1e-6)
-        if cfg.score_func == "sigmoid":
-            return torch.sigmoid(logits_TE)
-        return torch.softmax(logits_TE, dim=-1)
-
-    def _probs(self, scores_TE: Tensor) -> Tensor:
-        # Aux losses need a distribution over experts: sigmoid scores are normalized per token
-        # (as DeepSeek-V3's sequence-wise balance loss does).
-        if self.cfg.score_func == "sigmoid":
-            return scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
-        return scores_TE
-
-    @torch.no_grad()
     def record_load(self, topk_ids_TK: Tensor) -> None:
-        """Add one micro-batch's selections to this step's load (aux-loss-free balancing).
-        The layer calls it in training; calling the router alone records nothing."""
-        if self.cfg.bias_update_rate is not None:
-            self.step_load_E += torch.bincount(
-                topk_ids_TK.flatten(), minlength=self.cfg.num_experts
-            )
+        """Count one call's selections toward this optimizer step's expert load. The layer calls
+        it on every training call that is not an activation-checkpointing recomputation."""
 
-    def _apply(self, fn, recurse=True):
-        # .to(bf16) must not round the balancing state: 256 + 1 == 256 and 0.5 + 1e-3 == 0.5 in bf16
-        super()._apply(fn, recurse)
-        self.expert_bias_E = self.expert_bias_E.float()
-        self.step_load_E = self.step_load_E.float()
-        return self
+    def update_expert_bias(self, reduce_load: CountReduce | None = None) -> Tensor | None:
+        """Once per optimizer step, after every micro-batch's forward: update balancing state
+        from the recorded load (``reduce_load`` maps the local load to the global one, e.g. an
+        all-reduce over data-parallel ranks) and clear it. Returns the load used, or None when
+        the router does no such balancing."""
+        return None
 
-    @torch.no_grad()
-    def update_expert_bias(self, reduce_load=None) -> Tensor | None:
-        """Apply ``b_i += rate * sign(mean_load - load_i)`` from this step's accumulated loads.
-
-        Call once per optimizer step, after every micro-batch's forward. ``reduce_load`` (e.g. an
-        all-reduce over data-parallel ranks) maps the local load to the global one; identity in
-        one process. Returns the load used (or None when aux-loss-free balancing is off).
-        """
-        if self.cfg.bias_update_rate is None:
-            return None
-        load_E = self.step_load_E.clone()
-        if reduce_load is not None:
-            load_E = reduce_load(load_E)
-        self.expert_bias_E += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
-        self.step_load_E.zero_()
-        return load_E
-
-
-def mask_to_top_groups(scores_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
-    """Keep the experts of each token's best ``topk_groups`` groups; others get -inf.
-
-    A group's score is the sum of its two best expert scores (its best score when a group has a
-    single expert), as in DeepSeek-V3. Ties between groups go to the lower group index.
-    """
-    T, E = scores_TE.shape
-    grouped_TGe = scores_TE.view(T, num_groups, E // num_groups)
-    best = min(2, E // num_groups)
-    group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(-1)
-    top_groups_TM = _stable_topk_indices(group_score_TG, topk_groups)
-    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, top_groups_TM, True)
-    keep_TE = keep_TG.unsqueeze(-1).expand_as(grouped_TGe).reshape(T, E)
-    return scores_TE.masked_fill(~keep_TE, float("-inf"))
-
-
-def _stable_topk_indices(x: Tensor, k: int) -> Tensor:
-    # torch.topk does not promise which of equal values wins; a stable descending sort does.
-    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
-
-
-class RandomRouter(nn.Module):
-    """Ablation baseline: K distinct experts drawn uniformly per token, weights 1/K."""
-
-    def __init__(self, cfg: MoEConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
-        T, E, K = x_TD.shape[0], self.cfg.num_experts, self.cfg.top_k
-        draws_TE = torch.rand(T, E, device=x_TD.device)
-        topk_ids_TK = draws_TE.topk(K, dim=-1).indices
-        return RouterOutput(topk_ids_TK, _equal_weights(T, K, self.cfg, x_TD.device))
-
-
-class HashRouter(nn.Module):
-    """Ablation baseline (Hash Layers): experts are a fixed hash of the token id, weights 1/K.
-
-    Expert k of token id v is ``(h(v) + k * (E // K)) mod E``: K distinct experts per token.
-    """
-
-    def __init__(self, cfg: MoEConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
-        if token_ids_T is None:
-            raise ValueError(
-                "model.moe.router_type='hash' needs the token ids: call layer(x, token_ids=ids)"
-            )
-        E, K = self.cfg.num_experts, self.cfg.top_k
-        ids = token_ids_T.reshape(-1).long()
-        if ids.shape[0] != x_TD.shape[0]:
-            raise ValueError(f"token_ids has {ids.shape[0]} entries for {x_TD.shape[0]} tokens")
-        base_T = hash_token_ids(ids) % E
-        offsets_K = torch.arange(K, device=ids.device) * (E // K)
-        topk_ids_TK = (base_T.unsqueeze(-1) + offsets_K) % E
-        return RouterOutput(topk_ids_TK, _equal_weights(ids.shape[0], K, self.cfg, x_TD.device))
-
-
-def hash_token_ids(ids: Tensor) -> Tensor:
-    """Knuth's multiplicative hash of non-negative int64 ids into [0, 2**32)."""
-    return ((ids % (1 << 31)) * 2654435761) % (1 << 32)
-
-
-def _equal_weights(T: int, K: int, cfg: MoEConfig, device: torch.device) -> Tensor:
-    return torch.full((T, K), cfg.routed_scaling_factor / K, device=device)
-
-
-def build_router(cfg: MoEConfig) -> nn.Module:
-    if cfg.router_type == "random":
-        return RandomRouter(cfg)
-    if cfg.router_type == "hash":
-        return HashRouter(cfg)
-    return Router(cfg)
+    def learned_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters that make the routing decision. The optimizer keeps them out of
+        weight decay (decay pulls the logits toward uniform, against the balance the aux
+        losses set). Default: all of this module's parameters."""
+        return self.parameters()

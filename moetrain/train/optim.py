@@ -34,7 +34,7 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
     }
     router_params = {
-        id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()
+        id(p) for m in model.modules() if isinstance(m, Router) for p in m.learned_parameters()
     }
     groups: dict[tuple[bool, bool, str], list[nn.Parameter]] = {}
     seen: set[int] = set()

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from moetrain.models import ModelConfig, Transformer
 from moetrain.models.attention import Attention
 from moetrain.models.rope import RotaryEmbedding, apply_rope
+from moetrain.moe.baseline_routers import hash_token_ids
 from moetrain.moe.config import MoEConfig
 from moetrain.moe.layer import MoELayer
-from moetrain.moe.router import hash_token_ids
 
 D = 32
 SMALL = dict(vocab_size=64, dim=D, num_layers=3, num_heads=4, num_kv_heads=2, dense_hidden_dim=48)

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from moetrain.moe.baseline_routers import HashRouter, RandomRouter
 from moetrain.moe.config import MoEConfig
 from moetrain.moe.layer import MoELayer
-from moetrain.moe.router import HashRouter, RandomRouter, Router
+from moetrain.moe.topk_router import TopKRouter
 
 
 def sig(v):
@@ -20,7 +21,7 @@ def sig(v):
 def identity_router(num_experts=4, top_k=2, **kw):
     """An eval-mode learned router whose logits equal its input (D = E, weight = I)."""
     cfg = MoEConfig(num_experts=num_experts, top_k=top_k, dim=num_experts, hidden_dim=8, **kw)
-    router = Router(cfg)
+    router = TopKRouter(cfg)
     with torch.no_grad():
         router.weight_ED.copy_(torch.eye(num_experts))
     return router.eval()
@@ -220,7 +221,7 @@ def test_bias_state_eval_and_disabled():
 @pytest.mark.parametrize("module_dtype", [torch.float32, torch.bfloat16])
 def test_router_math_is_fp32(module_dtype):
     cfg = MoEConfig(num_experts=4, top_k=2, dim=8, hidden_dim=8)
-    router = Router(cfg)
+    router = TopKRouter(cfg)
     router.reset_parameters(std=1.0)
     router.to(module_dtype).eval()
     x = torch.randn(6, 8).bfloat16()
@@ -326,7 +327,7 @@ def test_layer_update_expert_bias():
 
 def test_router_math_is_fp32_under_autocast():
     cfg = MoEConfig(num_experts=4, top_k=2, dim=8, hidden_dim=8)
-    router = Router(cfg).eval()
+    router = TopKRouter(cfg).eval()
     x = torch.randn(6, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = router(x)

@@ -1,0 +1,149 @@
+"""The learned router: a linear map to per-expert scores, then top-k selection.
+
+Legend: T tokens, D model dim, E experts, K top-k, G expert groups, M kept groups
+(``topk_groups``), e experts per group.
+
+All router math runs in fp32 whatever the model dtype. Scores are softmax or sigmoid; options:
+group-limited top-k (DeepSeek-V3), gating-logit normalization (Skywork-MoE), top-k
+renormalization, a routed scaling factor, input jitter (Switch) and a per-expert score bias used
+for selection only (DeepSeek-V3 aux-loss-free balancing). ``router_type: learned``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moetrain.moe.aux_losses import CountReduce
+from moetrain.moe.router import Router, RouterOutput
+
+if TYPE_CHECKING:
+    from moetrain.moe.config import MoEConfig
+
+
+class TopKRouter(Router):
+    """Learned linear router ``logits_TE = x_TD @ weight_ED.T`` (fp32), top-k of its scores.
+
+    State: parameter ``weight_ED``; persistent buffer ``expert_bias_E`` (aux-loss-free
+    balancing bias, fp32 even when the module is cast); non-persistent ``step_load_E``.
+    """
+
+    uses_expert_bias = True
+    supports_groups = True
+
+    expert_bias_E: Tensor
+    step_load_E: Tensor
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__(cfg)
+        self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
+        # Aux-loss-free balancing state: the bias (selection only) and this step's loads.
+        self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts), persistent=True)
+        self.register_buffer(
+            "step_load_E", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False
+        )
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight_ED, std=std)
+        self.expert_bias_E.zero_()
+        self.step_load_E.zero_()
+
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
+        # fp32 router math even under autocast (which would run F.linear in bf16)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return self._route(x_TD)
+
+    def _route(self, x_TD: Tensor) -> RouterOutput:
+        cfg = self.cfg
+        x = x_TD.float()
+        if self.training and cfg.router_jitter > 0:
+            noise = torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
+            x = x * noise
+        logits_TE = F.linear(x, self.weight_ED.float())
+        scores_TE = self._scores(logits_TE)
+        choice_TE = scores_TE.detach()
+        if cfg.bias_update_rate is not None:
+            choice_TE = choice_TE + self.expert_bias_E
+        if cfg.num_groups > 1:
+            choice_TE = mask_to_top_groups(choice_TE, cfg.num_groups, cfg.topk_groups)
+        topk_ids_TK = _stable_topk_indices(choice_TE, cfg.top_k)
+        weights_TK = scores_TE.gather(-1, topk_ids_TK)
+        if cfg.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * cfg.routed_scaling_factor
+        return RouterOutput(topk_ids_TK, weights_TK, logits_TE, self._probs(scores_TE))
+
+    def _scores(self, logits_TE: Tensor) -> Tensor:
+        cfg = self.cfg
+        if cfg.logit_norm_scale is not None:
+            # Skywork-MoE gating-logit normalization: standardize each token's logits, rescale.
+            mean = logits_TE.mean(-1, keepdim=True)
+            std = logits_TE.std(-1, keepdim=True)
+            logits_TE = cfg.logit_norm_scale * (logits_TE - mean) / (std + 1e-6)
+        if cfg.score_func == "sigmoid":
+            return torch.sigmoid(logits_TE)
+        return torch.softmax(logits_TE, dim=-1)
+
+    def _probs(self, scores_TE: Tensor) -> Tensor:
+        # Aux losses need a distribution over experts: sigmoid scores are normalized per token
+        # (as DeepSeek-V3's sequence-wise balance loss does).
+        if self.cfg.score_func == "sigmoid":
+            return scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
+        return scores_TE
+
+    @torch.no_grad()
+    def record_load(self, topk_ids_TK: Tensor) -> None:
+        """Add one micro-batch's selections to this step's load (aux-loss-free balancing).
+        The layer calls it in training; calling the router alone records nothing."""
+        if self.cfg.bias_update_rate is not None:
+            self.step_load_E += torch.bincount(
+                topk_ids_TK.flatten(), minlength=self.cfg.num_experts
+            )
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) must not round the balancing state: 256 + 1 == 256 and 0.5 + 1e-3 == 0.5 in bf16
+        super()._apply(fn, recurse)
+        self.expert_bias_E = self.expert_bias_E.float()
+        self.step_load_E = self.step_load_E.float()
+        return self
+
+    @torch.no_grad()
+    def update_expert_bias(self, reduce_load: CountReduce | None = None) -> Tensor | None:
+        """Apply ``b_i += rate * sign(mean_load - load_i)`` from this step's accumulated loads.
+
+        Call once per optimizer step, after every micro-batch's forward. ``reduce_load`` (e.g. an
+        all-reduce over data-parallel ranks) maps the local load to the global one; identity in
+        one process. Returns the load used (or None when aux-loss-free balancing is off).
+        """
+        if self.cfg.bias_update_rate is None:
+            return None
+        load_E = self.step_load_E.clone()
+        if reduce_load is not None:
+            load_E = reduce_load(load_E)
+        self.expert_bias_E += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.step_load_E.zero_()
+        return load_E
+
+
+def mask_to_top_groups(scores_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
+    """Keep the experts of each token's best ``topk_groups`` groups; others get -inf.
+
+    A group's score is the sum of its two best expert scores (its best score when a group has a
+    single expert), as in DeepSeek-V3. Ties between groups go to the lower group index.
+    """
+    T, E = scores_TE.shape
+    grouped_TGe = scores_TE.view(T, num_groups, E // num_groups)
+    best = min(2, E // num_groups)
+    group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(-1)
+    top_groups_TM = _stable_topk_indices(group_score_TG, topk_groups)
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, top_groups_TM, True)
+    keep_TE = keep_TG.unsqueeze(-1).expand_as(grouped_TGe).reshape(T, E)
+    return scores_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+def _stable_topk_indices(x: Tensor, k: int) -> Tensor:
+    # torch.topk does not promise which of equal values wins; a stable descending sort does.
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
