@@ -1,12 +1,16 @@
-"""Checkpoints: native (distributed, atomic, layout-independent) save, resume and init."""
+"""Checkpoints: native (distributed, atomic, layout-independent) save, resume and init, and
+Hugging Face hub directories (``moetrain.checkpoint.hf``)."""
 
-from moetrain.checkpoint.native import (
-    CheckpointError,
-    find_latest,
-    load,
-    load_model,
-    save,
-    verify,
-)
+from moetrain.checkpoint.errors import CheckpointError
+from moetrain.checkpoint.native import find_latest, load, save, verify
+from moetrain.checkpoint.source import load_model, load_weights
 
-__all__ = ["CheckpointError", "find_latest", "load", "load_model", "save", "verify"]
+__all__ = [
+    "CheckpointError",
+    "find_latest",
+    "load",
+    "load_model",
+    "load_weights",
+    "save",
+    "verify",
+]

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from moetrain.checkpoint.errors import CheckpointError, cli_status
 from moetrain.checkpoint.hf import ARCHS, ExportError, arch_of, save_hf
-from moetrain.checkpoint.native import CheckpointError, load_model, save_model
+from moetrain.checkpoint.native import save_model
+from moetrain.checkpoint.source import load_model
 from moetrain.models import Transformer
 
 VERIFY_ATOL = 1e-5
@@ -109,11 +111,7 @@ def convert(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return convert(args)
-    except (CheckpointError, ExportError) as err:
-        print(f"moetrain-convert: error: {err}", file=sys.stderr)
-        return 2
+    return cli_status("moetrain-convert", lambda: convert(args), ExportError)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ One checkpoint directory holds
 Atomicity: every rank writes under ``checkpoints/.tmp-<step>/``; after a barrier rank 0 writes the
 checksums, renames the directory to ``<step>`` and then replaces the ``latest`` pointer (a file
 holding the step's directory name). A directory without checksums, or whose files do not match
-them, is incomplete or corrupt: :func:`find_latest` skips it with a warning naming it.
+them, is incomplete or corrupt: :func:`find_latest` skips it with a warning naming it. Each
+checkpoint's checksums are verified once per process (see :func:`_require_intact`).
 Native checkpoints use torch's distributed-checkpoint metadata (pickled): load only those you
 trust.
 """
@@ -21,6 +22,7 @@ trust.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,17 +45,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from moetrain.checkpoint.atomic import TMP_PREFIX, atomic_dir, fsync_dir, write_text_files
+from moetrain.checkpoint.errors import CheckpointError
+
 if TYPE_CHECKING:
     from moetrain.models import Transformer
 
 CHECKSUMS = "checksums.json"
 TRAIN_STATE = "train_state.json"
 LATEST = "latest"
-TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def step_dir_name(step: int) -> str:
@@ -88,14 +88,6 @@ def _sha256(path: Path) -> str:
 
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -177,11 +169,11 @@ def save(
         if final.exists():  # the same step saved again (a restart): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(checkpoints_dir)
+        fsync_dir(checkpoints_dir)
         pointer = checkpoints_dir / (LATEST + ".part")
         pointer.write_text(final.name + "\n")
         os.replace(pointer, checkpoints_dir / LATEST)
-        _fsync_dir(checkpoints_dir)
+        fsync_dir(checkpoints_dir)
         _prune(checkpoints_dir, keep_last, keep=final.name)
     _barrier()
     return final
@@ -214,6 +206,39 @@ def verify(path: Path) -> str | None:
     return None
 
 
+# Checkpoints this process has verified, keyed by their checksum file's identity (a checkpoint
+# saved again under the same name is verified afresh). A resume reads one checkpoint through
+# find_latest, read_train_state and load on every rank; hashing it each time tripled its cost.
+_verified: set[tuple[str, int, int]] = set()
+
+
+def _identity(path: Path) -> tuple[str, int, int] | None:
+    try:
+        stat = (path / CHECKSUMS).stat()
+    except OSError:
+        return None
+    return str(path.resolve()), stat.st_ino, stat.st_mtime_ns
+
+
+def _verify_once(path: Path) -> str | None:
+    """:func:`verify`, skipped for a checkpoint this process has already found intact."""
+    key = _identity(path)
+    if key is not None and key in _verified:
+        return None
+    why = verify(path)
+    if why is None and key is not None:
+        _verified.add(key)
+    return why
+
+
+def _require_intact(path: Path, setting: str) -> None:
+    """Raise a :class:`CheckpointError` naming ``setting`` and the bad file unless checkpoint
+    ``path`` is complete and intact (verified at most once per process)."""
+    why = _verify_once(path)
+    if why is not None:
+        raise CheckpointError(f"{setting}: {why}")
+
+
 def find_latest(checkpoints_dir: Path) -> Path | None:
     """The newest complete, intact checkpoint under ``checkpoints_dir`` (others are skipped with
     a warning naming them)."""
@@ -223,7 +248,7 @@ def find_latest(checkpoints_dir: Path) -> Path | None:
         (p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True
     )
     for path in steps:
-        why = verify(path)
+        why = _verify_once(path)
         if why is None:
             return path
         warnings.warn(f"skipping checkpoint {why}", stacklevel=2)
@@ -238,9 +263,7 @@ def load(
 ) -> dict[str, Any]:
     """Load checkpoint ``path`` into ``model`` (and ``optimizer``); restore this rank's RNG
     states when the layout is the one it was saved at. Returns the train state."""
-    why = verify(path)
-    if why is not None:
-        raise CheckpointError(f"checkpoint.resume: {why}")
+    _require_intact(path, "checkpoint.resume")
     if optimizer is not None and json.loads((path / TRAIN_STATE).read_text()).get("weights_only"):
         raise CheckpointError(
             f"checkpoint.resume: {path} holds model weights only (no optimizer or data state; "
@@ -260,17 +283,13 @@ def load(
 
 
 def read_train_state(path: Path) -> dict[str, Any]:
-    why = verify(path)
-    if why is not None:
-        raise CheckpointError(f"checkpoint.resume: {why}")
+    _require_intact(path, "checkpoint.resume")
     return json.loads((path / TRAIN_STATE).read_text())
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """``checkpoint.init_from`` for a native checkpoint: model weights only, any layout."""
-    why = verify(path)
-    if why is not None:
-        raise CheckpointError(f"checkpoint.init_from: {why}")
+    _require_intact(path, "checkpoint.init_from")
     state = {"model": get_model_state_dict(model, options=StateDictOptions())}
     with _single_process_ok():
         dcp.load(state, checkpoint_id=str(path))
@@ -289,19 +308,14 @@ def resolve(path: str | os.PathLike) -> Path:
     return root
 
 
-def load_model(path: str | os.PathLike) -> Transformer:
+def load_native_model(path: str | os.PathLike) -> Transformer:
     """An eval-ready :class:`moetrain.models.Transformer` from a native checkpoint saved at any
-    layout (a step directory, or a run directory: its newest complete checkpoint), or from a
-    Hugging Face hub directory (``config.json`` + safetensors). No process group needed:
-    ``model(tokens_BS) -> logits_BSV``."""
+    layout (a step directory, or a run directory: its newest complete checkpoint). No process
+    group needed. Hub directories: :func:`moetrain.checkpoint.source.load_model`."""
     from omegaconf import OmegaConf
 
     from moetrain.models import ModelConfig, Transformer
 
-    if (Path(path) / "config.json").is_file():
-        from moetrain.checkpoint.hf import load_hf
-
-        return load_hf(path)
     ckpt = resolve(path)
     state = read_train_state(ckpt)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), state["config"]["model"])
@@ -314,30 +328,14 @@ def save_model(
     model: Transformer, path: str | os.PathLike, extra_files: dict[str, str] | None = None
 ) -> Path:
     """Write a single-process model as a weights-only native checkpoint at ``path`` (a new
-    directory): what ``checkpoint.init_from`` and :func:`load_model` read, with the model config
-    in ``train_state.json`` (``extra_files``: more text files, relative path -> text, covered by
-    the checksums). Atomic like :func:`save`: built under a temporary name, renamed."""
-    import dataclasses
-
-    dest = Path(path)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise CheckpointError(f"{dest} exists and is not empty; give a new directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f"{TMP_PREFIX}{dest.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    directory): what ``checkpoint.init_from`` and :func:`load_native_model` read, with the model
+    config in ``train_state.json`` (``extra_files``: more text files, relative path -> text,
+    covered by the checksums). Atomic: see :func:`moetrain.checkpoint.atomic.atomic_dir`."""
+    with atomic_dir(path) as tmp:
         with _single_process_ok():
             dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp))
         cfg = dataclasses.asdict(model.cfg)
         _write_json(tmp / TRAIN_STATE, {"step": 0, "weights_only": True, "config": {"model": cfg}})
-        for name, text in (extra_files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text(text)
+        write_text_files(tmp, extra_files)
         _write_json(tmp / CHECKSUMS, {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)})
-        if dest.exists():
-            dest.rmdir()
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+    return Path(path)

@@ -2,16 +2,15 @@
 ``config.json``.
 
 Weights from outside are read only through safetensors (no pickle). A truncated or corrupted file
-fails with a :class:`~moetrain.checkpoint.native.CheckpointError` naming the file. Writing is
-atomic: the directory is built under a temporary name beside the destination and renamed when
-complete, so an interrupted export never leaves a directory that looks loadable.
+fails with a :class:`~moetrain.checkpoint.errors.CheckpointError` naming the file. Writing is
+atomic (:func:`~moetrain.checkpoint.atomic.atomic_dir`): an interrupted export never leaves a
+directory that looks loadable.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from moetrain.checkpoint.native import CheckpointError
+from moetrain.checkpoint.atomic import atomic_dir, write_text_files
+from moetrain.checkpoint.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -110,14 +110,7 @@ def write_hub_dir(
     ``max_shard_bytes`` (a larger single tensor gets a shard of its own) with
     ``model.safetensors.index.json``; ``extra_files``: more text files (relative path -> text)
     written inside before the rename."""
-    dest = Path(path)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise CheckpointError(f"{dest} exists and is not empty; give a new directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(path) as tmp:
         groups = _shards(tensors, max_shard_bytes)
         weight_map: dict[str, str] = {}
         for i, names in enumerate(groups, start=1):
@@ -141,20 +134,8 @@ def write_hub_dir(
             }
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-        write_extra_files(tmp, extra_files)
-        if dest.exists():
-            dest.rmdir()
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
-def write_extra_files(root: Path, files: Mapping[str, str] | None) -> None:
-    for name, text in (files or {}).items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
+        write_text_files(tmp, extra_files)
+    return Path(path)
 
 
 def tensor_dtype_name(dtype: torch.dtype) -> str:

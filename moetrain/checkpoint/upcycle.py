@@ -44,7 +44,6 @@ from moetrain.models import ModelConfig, Transformer
 from moetrain.models.mlp import FeedForward
 from moetrain.moe.config import MoEConfig
 from moetrain.moe.layer import MoELayer
-from moetrain.moe.router import Router
 
 MODES = ("copy", "granular", "partition", "shared")
 EXACT_MODES = ("copy", "granular", "shared")
@@ -215,14 +214,13 @@ def upcycle(dense: Transformer, spec: UpcycleSpec) -> Transformer:
         assert layer.experts.w3_EFD is not None
         layer.experts.w3_EFD.copy_(w3[idx_EFe])
         layer.experts.w2_EDF.copy_(w2[:, idx_EFe].permute(1, 0, 2) * scale)
-        assert isinstance(layer.router, Router)
-        router = layer.router.weight_ED
+        router = layer.router.get_parameter("weight_ED")  # the learned router's [E, D] weight
         if spec.router_init == "zero":
             router.zero_()
         else:  # one row per copy, repeated for its m slices (tied: the slices get equal logits)
             rows = torch.randn(E // m, cfg.dim, generator=gen) * spec.router_std
             router.copy_(rows.repeat_interleave(m, dim=0))
-        layer.router.expert_bias_E.zero_()
+        layer.router.get_buffer("expert_bias_E").zero_()
         if layer.shared_experts is not None:
             shared = spec.shared_units(F)
             se = layer.shared_experts
@@ -287,7 +285,6 @@ def all_experts_active(moe: Transformer) -> Transformer:
     wide = copy.deepcopy(moe)
     for layer in wide.moe_layers():
         layer.cfg = dataclasses.replace(layer.cfg, top_k=layer.cfg.num_experts)
-        assert isinstance(layer.router, Router)
         layer.router.cfg = layer.cfg
     return wide
 
@@ -375,8 +372,8 @@ def _load_dense(src: str) -> tuple[Transformer, str]:
     from pathlib import Path
 
     from moetrain.checkpoint.hf import ARCHS
-    from moetrain.checkpoint.native import load_model
     from moetrain.checkpoint.safetensors_io import is_hf_dir, read_config
+    from moetrain.checkpoint.source import load_model
 
     if not Path(src).is_dir():
         raise UpcycleError(f"--from: {src} is not a directory")
@@ -392,13 +389,9 @@ def _load_dense(src: str) -> tuple[Transformer, str]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    import json
     import sys
 
-    from omegaconf import OmegaConf
-
-    from moetrain.checkpoint.hf import ExportError, arch_of, save_hf
-    from moetrain.checkpoint.native import save_model
+    from moetrain.checkpoint.hf import ExportError, arch_of
 
     args = _parse_args(argv)
     spec = UpcycleSpec(
@@ -441,38 +434,43 @@ def run(argv: list[str] | None = None) -> int:
             )
             return 1
         rep["forced"] = True
-    out = noisy if noisy is not None else moe
+    _write(noisy if noisy is not None else moe, args.dst, arch, rep)
+    return 0
+
+
+def _write(out: Transformer, dst: str, arch: str | None, rep: dict[str, Any]) -> None:
+    """Write the upcycled model (hub layout for ``arch``, else native) with its report and a
+    Hydra model config, and say how to train it."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from moetrain.checkpoint.hf import save_hf
+    from moetrain.checkpoint.native import save_model
+
     model_yaml = OmegaConf.to_yaml(OmegaConf.structured(out.cfg))
     extra = {
         "upcycle_report.json": json.dumps(rep, indent=2) + "\n",
         "model/upcycled.yaml": "# the upcycled model (moetrain-upcycle)\n" + model_yaml,
     }
     if arch is not None:
-        save_hf(out, args.dst, arch, extra_files=extra)
-        print(f"wrote {args.dst} ({arch}, Hugging Face hub layout)")
+        save_hf(out, dst, arch, extra_files=extra)
+        print(f"wrote {dst} ({arch}, Hugging Face hub layout)")
     else:
-        save_model(out, args.dst, extra_files=extra)
-        print(f"wrote {args.dst} (native)")
-    from pathlib import Path
-
-    dst = Path(args.dst).resolve()
+        save_model(out, dst, extra_files=extra)
+        print(f"wrote {dst} (native)")
+    path = Path(dst).resolve()
     print(
         "train it: moetrain-train 'hydra.searchpath=[file://"
-        f"{dst}]' model=upcycled checkpoint.init_from={dst}"
+        f"{path}]' model=upcycled checkpoint.init_from={path}"
     )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
+    from moetrain.checkpoint.errors import cli_status
 
-    from moetrain.checkpoint.native import CheckpointError
-
-    try:
-        return run(argv)
-    except (UpcycleError, CheckpointError) as err:
-        print(f"moetrain-upcycle: error: {err}", file=sys.stderr)
-        return 2
+    return cli_status("moetrain-upcycle", lambda: run(argv), UpcycleError)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import moetrain
-from moetrain.checkpoint import convert
-from moetrain.checkpoint.native import CheckpointError, load, save_model
+from moetrain.checkpoint import CheckpointError, convert
+from moetrain.checkpoint.native import load, save_model
 from moetrain.models import ModelConfig, Transformer
 from moetrain.moe.config import MoEConfig
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from moetrain.checkpoint import CheckpointError
 from moetrain.checkpoint.hf import (
     ExportError,
     arch_of,
@@ -19,7 +20,6 @@ from moetrain.checkpoint.hf import (
     load_hf,
     save_hf,
 )
-from moetrain.checkpoint.native import CheckpointError
 from moetrain.checkpoint.safetensors_io import INDEX_FILE, read_tensors
 from moetrain.models import ModelConfig, Transformer
 from moetrain.moe.config import MoEConfig
