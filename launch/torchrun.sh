@@ -9,7 +9,8 @@
 # job; torchrun exports it and the run directory defaults to runs/<RUN_ID>), LOCAL_ADDR (the
 # address other nodes reach this node at, when the hostname does not resolve to it), DRY_RUN=1
 # prints the command instead of running it, MODULE (moetrain.train) the Python module torchrun
-# runs (e.g. a benchmark worker; its arguments are then the extra arguments).
+# runs (e.g. a benchmark worker, benchmarks.overlap_worker, which needs the repository root on
+# PYTHONPATH; its arguments are then the extra arguments).
 set -euo pipefail
 
 NNODES=${NNODES:-1}

@@ -19,14 +19,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
-from moetrain.bench.fssdp import LAYOUTS, add_shape_options, format_table, run, shape_from
-from moetrain.bench.skew import SKEWS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: beside tools/
+
+from benchmarks.common import shape_from
+from benchmarks.fssdp import LAYOUTS, Shape, add_options, format_table, run
+from benchmarks.skew import SKEWS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shape_options(parser)
+    add_options(parser)
     parser.add_argument("--no-pin", action="store_true", help="do not pin each process to a core")
     parser.add_argument("--cluster", action="store_true", help="also 4 processes on 2 sim. nodes")
     parser.add_argument("--cluster-tokens", type=int, default=None, help="T per rank there")
@@ -40,7 +45,7 @@ def main() -> None:
     layouts = args.layouts.split(",")
     if layouts[0] != "ep" or set(layouts) - set(LAYOUTS):
         parser.error(f"--layouts: ep first, then some of {list(LAYOUTS[1:])}")
-    shape = shape_from(args)
+    shape = shape_from(args, Shape)
     cluster_shape = shape
     if args.cluster_tokens:
         cluster_shape = dataclasses.replace(shape, tokens=args.cluster_tokens)

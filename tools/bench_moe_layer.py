@@ -7,7 +7,7 @@
 Also times the dispatch/combine ops (csrc kernels vs pure-torch references) at the same shapes,
 unless --no-ops. With --ep N: N gloo processes on loopback (--threads each, default 1), every
 rank with E/N experts and the case's tokens, peers moetrain, moetrain_overlap2, deepspeed and
-balanced_bmm (moetrain.bench.moe_layer_ep). --retain-freed-memory: glibc malloc keeps freed
+balanced_bmm (benchmarks.moe_layer_ep). --retain-freed-memory: glibc malloc keeps freed
 memory in every benchmark process (moetrain.perf.retain_freed_memory), as a caching allocator would.
 
 Not a test: figures are only comparable within one run (docs/benchmarks.md).
@@ -19,12 +19,15 @@ import argparse
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from moetrain.bench.moe_layer import CASES, MODES, format_table, run, shapes
-from moetrain.bench.moe_layer_ep import format_ep_table, run_ep
-from moetrain.bench.peers import EP_PEERS, PEERS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: beside tools/
+
+from benchmarks.moe_layer import CASES, MODES, format_table, run, shapes
+from benchmarks.moe_layer_ep import format_ep_table, run_ep
+from benchmarks.peers import EP_PEERS, PEERS
 from moetrain.perf import retain_freed_memory
 
 

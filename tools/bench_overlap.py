@@ -19,21 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from moetrain.bench.overlap import (
-    add_shape_options,
-    cluster_problem,
-    format_table,
-    parse_chunks,
-    run,
-    worker_args,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: beside tools/
+
+from benchmarks.common import cluster_problem
+from benchmarks.overlap import add_options, parse_chunks, run, worker_args
+from benchmarks.overlap_report import format_table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="1gbit,none", help="tc rates, 'none' = unlimited")
-    add_shape_options(parser)
+    add_options(parser)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per cluster run")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
@@ -41,7 +39,7 @@ def main() -> None:
         parse_chunks(args.chunks)
     except ValueError as err:
         parser.error(str(err))
-    why = cluster_problem()
+    why = cluster_problem("bench_overlap")
     if why:
         print(why, file=sys.stderr)
         sys.exit(3)

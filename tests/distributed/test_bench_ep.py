@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moetrain.bench.moe_layer_ep import run_ep
-from moetrain.bench.peers import (
+from benchmarks.moe_layer_ep import run_ep
+from benchmarks.peers import (
     Shape,
     deepspeed_moe,
     ep_deepspeed_peer,

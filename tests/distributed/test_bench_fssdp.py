@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from moetrain.bench.fssdp import Shape, figures, format_table, run_loopback
+from benchmarks.fssdp import Shape, figures, format_table, run_loopback
 
 
 @pytest.mark.timeout(180)

@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moetrain.bench import overlap, sim_cluster
-from moetrain.bench.overlap import (
+from benchmarks import common, overlap
+from benchmarks.overlap import (
     Shape,
-    format_table,
     min_bytes,
     overlap_efficiency,
     parse_chunks,
@@ -22,6 +21,7 @@ from moetrain.bench.overlap import (
     sent_bytes,
     summarize,
 )
+from benchmarks.overlap_report import format_table
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_overlap.py"
 
@@ -82,7 +82,7 @@ def test_chunks_must_overlap():
 
 
 def test_without_root_the_tool_says_sudo_and_exits_3(monkeypatch, capsys):
-    monkeypatch.setattr(sim_cluster.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(common.os, "geteuid", lambda: 1000)
     monkeypatch.setattr("sys.argv", ["bench_overlap.py"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(TOOL), run_name="__main__")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from moetrain.bench.peers import Shape
+from benchmarks.peers import Shape
 from moetrain.moe.capacity import capacity_keep_mask, expert_capacity
 from moetrain.moe.dispatcher import Routing, sort_by_expert
 from moetrain.ops import extension_error, permute, reference_kernels, unpermute
@@ -68,6 +68,7 @@ def op_steps(shape: Shape) -> dict[str, tuple[int, Callable[[], None]]]:
 
 
 def time_ops(shapes: list[Shape], repeats: int) -> list[dict]:
+    """Every op's median forward+backward at every shape, csrc (when loaded) and reference."""
     out = []
     missing = extension_error()
     for shape in shapes:
@@ -84,6 +85,7 @@ def time_ops(shapes: list[Shape], repeats: int) -> list[dict]:
 
 
 def format_ops_table(rows: list[dict]) -> str:
+    """``time_ops``' rows as a table with the csrc speedup."""
     lines = [
         "dispatch/combine ops, forward+backward (median): csrc kernels vs pure-torch reference",
         f"{'case':8} {'mode':9} {'op':10} {'rows':>7} {'csrc':>9} {'reference':>10} {'speedup':>8}",

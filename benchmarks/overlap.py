@@ -23,23 +23,28 @@ and ``inter_node_min_bytes`` count only rows whose expert is on another rank / n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moetrain.bench import sim_cluster
-from moetrain.moe import MoEConfig, MoELayer
+from benchmarks.common import (
+    LayerShape,
+    add_shape_options,
+    reduce_over_ranks,
+    run_on_sim_cluster,
+    shape_args,
+    shape_from,
+    slowest_rank,
+    time_round_robin,
+)
+from moetrain.moe import MoELayer
 from moetrain.moe.dispatcher import Routing, sort_by_expert
 from moetrain.moe.experts import GroupedExperts
 from moetrain.parallel.ep import AllToAllDispatcher
@@ -55,7 +60,7 @@ EXCHANGES_PER_STEP = 4  # dispatch, combine (forward); their gradients (backward
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(LayerShape):
     """The layer (fp32, dropless, SwiGLU); ``tokens`` per rank.
 
     The default makes the exchanges at 1 Gbit/s take ~3x the expert compute (4 processes on
@@ -64,8 +69,6 @@ class Shape:
     hidden (docs/benchmarks.md); 4 MB of rows per rank per exchange keeps a step under 0.6 s.
     """
 
-    num_experts: int = 8
-    top_k: int = 2
     dim: int = 512
     hidden_dim: int = 128
     tokens: int = 2048
@@ -200,23 +203,21 @@ def summarize(times: dict[str, float]) -> dict[str, Any]:
     }
 
 
-# --- worker: one process of the simulated cluster (run by torchrun) ---------------------------
+# --- measurement: one rank of the simulated cluster (collective) ------------------------------
 
 
 def build_layer(shape: Shape, rank: int, world: int) -> MoELayer:
     """The layer with this rank's e experts (same router on every rank)."""
     torch.manual_seed(0)
-    cfg = MoEConfig(
-        num_experts=shape.num_experts, top_k=shape.top_k, dim=shape.dim, hidden_dim=shape.hidden_dim
-    )
-    layer = MoELayer(cfg)
-    layer.experts = GroupedExperts(cfg, num_experts=shape.num_experts // world)
+    layer = MoELayer(shape.moe_config())
+    layer.experts = GroupedExperts(layer.cfg, num_experts=shape.num_experts // world)
     torch.manual_seed(1 + rank)
     layer.experts.reset_parameters()
     return layer
 
 
 def layer_step(layer: MoELayer, x_TD: Tensor, g_TD: Tensor) -> None:
+    """One forward+backward of ``layer`` on ``x_TD`` with output gradient ``g_TD``."""
     x = x_TD.detach().requires_grad_(True)
     layer.zero_grad(set_to_none=True)
     layer(x).backward(g_TD)
@@ -231,37 +232,36 @@ def comm_step(comm: EPExchange, splits: Splits, send_RD: Tensor) -> None:
 
 
 def compute_step(experts: GroupedExperts, rows_RD: Tensor, counts_e: Tensor, g_RD: Tensor) -> None:
+    """The local experts' forward+backward on ``rows_RD`` (``counts_e`` rows per expert)."""
     rows = rows_RD.detach().requires_grad_(True)
     experts.zero_grad(set_to_none=True)
     experts(rows, counts_e).backward(g_RD)
 
 
-def time_round_robin(
+def time_variants(
     steps: dict[str, Callable[[], None]], repeats: int, per_node: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median over ``repeats`` of the slowest rank's time of each step (the steps take turns),
-    and the mean over ranks of the median time each rank spent blocked in its exchanges."""
-    t = torch.zeros(repeats, len(steps), dtype=torch.float64)
-    w = torch.zeros_like(t)
-    for i in range(repeats):
-        for j, step in enumerate(steps.values()):
-            dist.barrier()
+    """Median over ``repeats`` of the slowest rank's time of each step (the steps take turns,
+    ``benchmarks.common.time_round_robin``), and the mean over ranks of the median time each
+    rank spent blocked in its exchanges (``CommProbe.waited``)."""
+    waited: dict[str, list[float]] = {name: [] for name in steps}
+
+    def probed(name: str) -> Callable[[], None]:
+        def step() -> None:
             with CommProbe(per_node) as probe:
-                start = time.perf_counter()
-                step()
-                t[i, j] = time.perf_counter() - start
-            w[i, j] = probe.waited
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    waited = w.median(0).values
-    dist.all_reduce(waited)
-    times = {name: statistics.median(t[:, j].tolist()) for j, name in enumerate(steps)}
-    return times, dict(zip(steps, (waited / dist.get_world_size()).tolist()))
+                steps[name]()
+            waited[name].append(probe.waited)
+
+        return step
+
+    rounds = slowest_rank(time_round_robin({name: probed(name) for name in steps}, repeats))
+    times = {name: statistics.median(t) for name, t in rounds.items()}
+    total = reduce_over_ranks([statistics.median(w) for w in waited.values()])
+    return times, {name: w / dist.get_world_size() for name, w in zip(steps, total)}
 
 
 def _all_sum(values: dict[str, int]) -> dict[str, int]:
-    t = torch.tensor(list(values.values()), dtype=torch.int64)
-    dist.all_reduce(t)
-    return dict(zip(values, t.tolist()))
+    return dict(zip(values, reduce_over_ranks(list(values.values()), dtype=torch.int64)))
 
 
 @dataclass
@@ -279,6 +279,7 @@ class Bench:
 
 
 def setup(shape: Shape) -> Bench:
+    """This rank's ``Bench`` at ``shape`` (collective: exchanges the routing counts)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     layer = build_layer(shape, rank, world)
     gen = torch.Generator().manual_seed(100 + rank)
@@ -354,11 +355,9 @@ def measure(shape: Shape, chunks: Sequence[int], repeats: int, per_node: int) ->
     steps = {**layer_steps(b, chunks, per_node), **isolated_steps(b)}
     bytes_per_step = count_bytes(steps, per_node)
     rows = _all_sum(routed_rows_by_place(b.send_Pe.flatten(), rank, world, per_node))
-    received = torch.tensor([float(b.recv_Pe.sum())])
-    most = received.clone()
-    dist.all_reduce(received)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    times, waited = time_round_robin(steps, repeats, per_node)
+    (received,) = reduce_over_ranks([float(b.recv_Pe.sum())])
+    (most,) = reduce_over_ranks([float(b.recv_Pe.sum())], "max")
+    times, waited = time_variants(steps, repeats, per_node)
     dtype_bytes = b.x_TD.element_size()
     return {
         "world": world,
@@ -372,51 +371,22 @@ def measure(shape: Shape, chunks: Sequence[int], repeats: int, per_node: int) ->
         **summarize(times),
         "bytes_per_step": bytes_per_step,
         "routed_rows": rows["routed"],
-        "recv_rows_max_over_mean": float(most) * world / float(received),
+        "recv_rows_max_over_mean": most * world / received,
         "min_bytes": min_bytes(rows["routed"], shape.dim, dtype_bytes),
         "remote_min_bytes": min_bytes(rows["remote"], shape.dim, dtype_bytes),
         "inter_node_min_bytes": min_bytes(rows["inter_node"], shape.dim, dtype_bytes),
     }
 
 
-def worker(argv: Sequence[str] | None = None) -> None:
-    """One torchrun process: ``python -m moetrain.bench.overlap --out PATH [shape options]``;
-    rank 0 writes the result (JSON) to ``--out``."""
-    parser = argparse.ArgumentParser(description="bench_overlap worker (run by torchrun)")
-    parser.add_argument("--out", required=True, help="rank 0 writes its JSON result here")
-    parser.add_argument("--label", default="", help="the link (e.g. 1gbit), recorded as is")
-    add_shape_options(parser)
-    args = parser.parse_args(argv)
-    shape = Shape(args.experts, args.top_k, args.dim, args.hidden, args.tokens)
-    chunks = parse_chunks(args.chunks)
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated")
-    torch.set_num_threads(1)  # 4 processes share the cores; gloo's threads need some too
-    dist.init_process_group("gloo")  # torchrun's env:// rendezvous
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    try:
-        dist.barrier()
-        rank0 = dist.get_rank() == 0
-        if rank0:
-            print(f"bench_overlap[{args.label}]: {shape}, chunks {chunks}", file=sys.stderr)
-        result = measure(shape, chunks, args.repeats, per_node)
-        if rank0:
-            Path(args.out).write_text(json.dumps({**result, "label": args.label}))
-    finally:
-        dist.destroy_process_group()
-
-
-def add_shape_options(parser: argparse.ArgumentParser) -> None:
-    d = Shape()
-    parser.add_argument("--experts", type=int, default=d.num_experts, help="E (global)")
-    parser.add_argument("--top-k", type=int, default=d.top_k)
-    parser.add_argument("--dim", type=int, default=d.dim, help="D")
-    parser.add_argument("--hidden", type=int, default=d.hidden_dim, help="F (per expert)")
-    parser.add_argument("--tokens", type=int, default=d.tokens, help="T per rank")
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The shape options (``benchmarks.common.add_shape_options``) and ``--chunks``: shared by
+    tools/bench_overlap.py and the worker."""
+    add_shape_options(parser, Shape(), repeats=7)
     parser.add_argument("--chunks", default="2,4,8", help="overlap degrees to time (> 1)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
 
 
 def parse_chunks(text: str) -> list[int]:
+    """``--chunks`` ("2,4") as a list; raises ``ValueError`` unless every degree is > 1."""
     chunks = [int(c) for c in text.split(",") if c.strip()]
     if not chunks or any(c < 2 for c in chunks):
         raise ValueError(f"--chunks takes overlap degrees > 1, e.g. 2,4; got {text!r}")
@@ -425,26 +395,17 @@ def parse_chunks(text: str) -> list[int]:
 
 def worker_args(args: argparse.Namespace) -> list[str]:
     """The driver's shape options, forwarded to every worker."""
-    return [
-        *("--experts", str(args.experts), "--top-k", str(args.top_k), "--dim", str(args.dim)),
-        *("--hidden", str(args.hidden), "--tokens", str(args.tokens)),
-        *("--chunks", args.chunks, "--repeats", str(args.repeats)),
-    ]
+    return [*shape_args(shape_from(args, Shape), args.repeats), "--chunks", args.chunks]
 
 
 # --- driver: one simulated cluster per link rate ----------------------------------------------
 
 
-def cluster_problem() -> str | None:
-    """Why the simulated cluster cannot run here (None: it can)."""
-    return sim_cluster.cluster_problem("bench_overlap")
-
-
 def run_cluster(rate: str, args: Sequence[str], index: int, timeout: float) -> dict[str, Any]:
     """One simulated-cluster run (2 nodes x 2 processes, each node's link shaped to ``rate``,
     "none" = unlimited) of the worker; returns rank 0's result."""
-    return sim_cluster.run_on_sim_cluster(
-        "moetrain.bench.overlap",
+    return run_on_sim_cluster(
+        "benchmarks.overlap_worker",
         ["--label", rate, *args],
         prefix=f"mtbo{os.getpid() % 10000}{index}",
         rate="" if rate == "none" else rate,
@@ -463,78 +424,3 @@ def run(rates: Sequence[str], args: Sequence[str], timeout: float = 600) -> dict
         "shape": first["shape"],
         "runs": runs,
     }
-
-
-# --- report -----------------------------------------------------------------------------------
-
-VARIANT_NOTES = {
-    "flat_c1": "serial: flat all-to-all, no overlap",
-    "hier_c1": "2-D all-to-all, no overlap",
-    "comm_only": "the 4 row exchanges alone (flat)",
-    "compute_only": "the local experts' fwd+bwd alone",
-    "no_comm": "the layer with all E experts local, no exchange",
-}
-
-
-def _note(variant: str) -> str:
-    if variant in VARIANT_NOTES:
-        return VARIANT_NOTES[variant]
-    kind, _, n = variant.partition("_c")
-    return f"{n} chunks, {'flat' if kind == 'flat' else '2-D'}"
-
-
-def format_run(rate: str, r: dict[str, Any]) -> list[str]:
-    times, eff, waited, sent = r["times"], r["efficiency"], r["waited"], r["bytes_per_step"]
-    serial, bound, mb = times["flat_c1"], r["bound_seconds"], 1e6
-    lines = [
-        f"link {rate}: median of {r['repeats']} repeats of the slowest "
-        "rank's fwd+bwd; wait = blocked in exchanges (mean over ranks); MB sent per step",
-        f"  {'variant':13} {'ms':>7} {'wait':>6} {'/serial':>7} {'/bound':>6} {'eff':>5} "
-        f"{'MB':>6} {'inter':>6}  what",
-    ]
-    for v, t in times.items():
-        b = sent.get(v)
-        mbytes = f"{b['sent'] / mb:6.1f} {b['inter_node'] / mb:6.1f}" if b else ""
-        e = f"{eff[v]:5.2f}" if v in eff else ""
-        lines.append(
-            f"  {v:13} {t * 1e3:7.1f} {waited[v] * 1e3:6.1f} {t / serial:7.2f} {t / bound:6.2f} "
-            f"{e:>5} {mbytes:>13}  {_note(v)}"
-        )
-    nodes = r["world"] // r["per_node"]
-    gbit = sent["comm_only"]["inter_node"] / nodes * 8 / times["comm_only"] / 1e9
-    lines += [
-        f"  serial = no_comm + {r['exposed_comm_seconds'] * 1e3:.1f} ms exposed exchanges; "
-        f"no_comm = compute_only + {r['rest_seconds'] * 1e3:.1f} ms (router, sort, permutes, "
-        f"autograd); comm_only: {gbit:.2f} Gbit/s per node link",
-        f"  minimum per step (all ranks): {r['min_bytes'] / mb:.1f} MB = routed rows x D x dtype "
-        f"bytes x 4 exchanges; rows for other ranks {r['remote_min_bytes'] / mb:.1f} MB, for "
-        f"other nodes {r['inter_node_min_bytes'] / mb:.1f} MB",
-        f"  best overlapped: {r['best_variant']}, efficiency {r['overlap_efficiency']:.2f}",
-    ]
-    return lines
-
-
-def format_table(result: dict[str, Any]) -> str:
-    first = next(iter(result["runs"].values()))
-    shape = first["shape"]
-    lines = [
-        f"simulated cluster: {first['world'] // first['per_node']} nodes x {first['per_node']} "
-        f"processes (EP={first['world']}), gloo over veth, {first['threads']} thread per process",
-        "shape: T={tokens}/rank D={dim} F={hidden_dim} E={num_experts} K={top_k}, fp32, "
-        "dropless".format(**shape)
-        + f"; routed rows max/mean over ranks {first['recv_rows_max_over_mean']:.2f}",
-        "eff = (T_serial - T) / min(T_comm, T_compute); bound = max(T_comm, T_no_comm) (a "
-        "perfect overlap); MB: sent to other ranks, inter: to other nodes",
-    ]
-    for rate, r in result["runs"].items():
-        lines += ["", *format_run(rate, r)]
-    lines += [
-        "",
-        f"overlap_efficiency ({result['rate']}): {result['overlap_efficiency']:.2f} "
-        f"({result['best_variant']})",
-    ]
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    worker()

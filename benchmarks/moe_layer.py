@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from moetrain.bench.ops import format_ops_table, time_ops
-from moetrain.bench.peers import PEERS, PeerUnavailable, Shape
+from benchmarks.common import peer_lines
+from benchmarks.ops import format_ops_table, time_ops
+from benchmarks.peers import PEERS, PeerUnavailable, Shape
 from moetrain.ops import active_backend
 from moetrain.perf import expert_flops, fraction_of_peak, measure_peak_flops, median_time
 
@@ -36,10 +37,13 @@ class Row:
 
 
 def shapes(cases: list[str], modes: list[str]) -> list[Shape]:
+    """Every case x mode as a ``Shape`` (case names of ``CASES``, modes of ``MODES``)."""
     return [Shape(name=c, capacity_factor=MODES[m], **CASES[c]) for c in cases for m in modes]
 
 
 def measure(shape: Shape, peer: str, peak: float, repeats: int) -> Row:
+    """``peer``'s median step and fraction of ``peak`` at ``shape``; an unavailable or failing
+    peer gives a row with a note instead of raising."""
     row = Row(shape.name, shape.mode, peer)
     try:
         built = PEERS[peer](shape)
@@ -66,7 +70,7 @@ def run(
     ops: bool = True,
 ) -> dict:
     """The layer rows for every shape x peer and, with ``ops``, the dispatch/combine ops' csrc
-    vs reference timings at the same shapes (``moetrain.bench.ops``)."""
+    vs reference timings at the same shapes (``benchmarks.ops``)."""
     torch.set_num_threads(threads)
     peak_start = measure_peak_flops()
     rows = [measure(s, p, peak_start, repeats) for s in shapes(cases, modes) for p in peers]
@@ -84,23 +88,18 @@ def run(
 
 
 def format_table(result: dict) -> str:
+    """``run``'s result as a table (and the ops table when it has op rows)."""
     lines = [
         f"peak GEMM (fp32, {result['threads']} threads): {result['peak_flops'] / 1e9:.1f} GFLOP/s "
         f"at start, {result['peak_flops_end'] / 1e9:.1f} at end (spread = machine noise)",
         f"ops backend: {result['ops_backend']}",
         f"{'case':8} {'mode':9} {'peer':22} {'median':>9} {'rows':>7} {'frac':>6} {'vs ours':>8}",
     ]
-    ours = {(r["case"], r["mode"]): r["seconds"] for r in result["rows"] if r["peer"] == "moetrain"}
-    for r in result["rows"]:
-        if r["seconds"] is None:
-            lines.append(f"{r['case']:8} {r['mode']:9} {r['peer']:22} {r['note']}")
-            continue
-        base = ours.get((r["case"], r["mode"]))
-        speed = f"{base / r['seconds']:.2f}x" if base else ""
-        lines.append(
-            f"{r['case']:8} {r['mode']:9} {r['peer']:22} {r['seconds'] * 1e3:7.0f}ms "
-            f"{r['routed_rows']:7d} {r['fraction_of_peak']:6.3f} {speed:>8}"
-        )
+    lines += peer_lines(
+        result["rows"],
+        22,
+        lambda r: f"{r['seconds'] * 1e3:7.0f}ms {r['routed_rows']:7d} {r['fraction_of_peak']:6.3f}",
+    )
     lines.append("frac = expert FLOPs / peak / time; 'vs ours' = peer speed relative to moetrain")
     lines.append("moetrain_reference_ops = MoELayer with the pure-torch dispatch/combine ops")
     if result["ops"]:

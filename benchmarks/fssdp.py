@@ -3,7 +3,7 @@ on N gloo processes, both layouts side by side in one run.
 
 Legend: N ranks, E experts, K top-k, D model dim, F expert hidden dim, T tokens per rank.
 
-Routing is forced (``moetrain.bench.skew``: uniform, Zipf s=1.0 and 1.5, one hot expert; expert
+Routing is forced (``benchmarks.skew``: uniform, Zipf s=1.0 and 1.5, one hot expert; expert
 0 hottest, so static EP's first rank holds the hot experts). Both layouts see the same routing
 sequence (same seeds) and the same weights. Figures per (skew, layout):
 
@@ -33,11 +33,8 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import os
 import statistics
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,10 +43,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moetrain.bench import sim_cluster
-from moetrain.bench.peers import keep_local_experts
-from moetrain.bench.skew import SKEWS, SkewedRouter
-from moetrain.moe import MoEConfig, MoELayer
+from benchmarks.common import (
+    LayerShape,
+    add_shape_options,
+    cluster_problem,
+    describe_shape,
+    gather_ranks,
+    reduce_over_ranks,
+    run_on_sim_cluster,
+    shape_args,
+    slowest_rank,
+    time_round_robin,
+)
+from benchmarks.peers import keep_local_experts
+from benchmarks.skew import SKEWS, SkewedRouter
+from moetrain.moe import MoELayer
 from moetrain.parallel.ep import AllToAllDispatcher
 from moetrain.parallel.fssdp import FSSDPDispatcher, FSSDPOptions, apply_fssdp
 from moetrain.parallel.fssdp_plan import static_ep_rows
@@ -61,12 +69,8 @@ DEFAULT_LAYOUTS = ("ep", "fssdp")
 
 
 @dataclass(frozen=True)
-class Shape:
-    num_experts: int = 8
-    top_k: int = 2
-    dim: int = 256
-    hidden_dim: int = 1024
-    tokens: int = 8192  # per rank
+class Shape(LayerShape):
+    """The benchmark's layer: ``LayerShape``'s defaults (E=8 K=2 D=256 F=1024 T=8192/rank)."""
 
 
 # --- one rank's measurements ------------------------------------------------------------------
@@ -75,15 +79,8 @@ class Shape:
 def build_layer(shape: Shape, layout: str, skew: str, rank: int, world: int) -> MoELayer:
     """The same layer (weights from seed 0) as EP (E / N whole experts here) or FSSDP (1/N of
     every expert), routing forced to ``skew`` (seeded per rank, the same for both layouts)."""
-    cfg = MoEConfig(
-        num_experts=shape.num_experts,
-        top_k=shape.top_k,
-        dim=shape.dim,
-        hidden_dim=shape.hidden_dim,
-        aux_loss_coeff=0.0,
-    )
     torch.manual_seed(0)
-    layer = MoELayer(cfg)
+    layer = MoELayer(shape.moe_config(aux_loss_coeff=0.0))
     if layout == "ep":
         keep_local_experts(layer, rank, shape.num_experts // world)
         layer.dispatcher = AllToAllDispatcher(shape.num_experts, None)
@@ -97,6 +94,7 @@ def build_layer(shape: Shape, layout: str, skew: str, rank: int, world: int) -> 
 
 
 def make_step(layer: MoELayer, shape: Shape, rank: int) -> Callable[[], None]:
+    """One forward+backward of ``layer`` on this rank's fixed tokens (seeded by ``rank``)."""
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(shape.tokens, shape.dim, generator=gen).requires_grad_(True)
     g = torch.randn(shape.tokens, shape.dim, generator=gen)
@@ -179,40 +177,6 @@ def release_free_memory() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
-def _sum_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t)
-
-
-def _gather_ranks(value: float) -> list[float]:
-    t = torch.tensor([value], dtype=torch.float64)
-    out = t.new_empty(dist.get_world_size())
-    dist.all_gather_single(out, t)
-    return out.tolist()
-
-
-def time_round_robin(steps: dict[Any, Callable[[], None]], repeats: int) -> dict[Any, list[float]]:
-    """Every round's slowest-rank time of every step, the steps timed in turns (one warm-up
-    each), so each round's figures were taken under the same machine load."""
-    times: dict[Any, list[float]] = {k: [] for k in steps}
-    for fn in steps.values():
-        fn()
-    for _ in range(repeats):
-        for key, fn in steps.items():
-            dist.barrier()
-            start = time.perf_counter()
-            fn()
-            times[key].append(_max_over_ranks(time.perf_counter() - start))
-    return times
-
-
 def measure(
     shape: Shape, skews: Sequence[str], repeats: int, layouts: Sequence[str] = DEFAULT_LAYOUTS
 ) -> dict[str, Any]:
@@ -221,13 +185,13 @@ def measure(
     rank, world = dist.get_rank(), dist.get_world_size()
     if shape.num_experts % world or shape.hidden_dim % world:
         raise ValueError(f"{world} ranks must divide the experts and their hidden dim")
-    peak = _sum_over_ranks(measure_peak_flops(repeats=3))
+    (peak,) = reduce_over_ranks([measure_peak_flops(repeats=3)])
     if layouts[0] != "ep" or set(layouts) - set(LAYOUTS):
         raise ValueError(f"layouts: ep first, then some of {LAYOUTS[1:]}; got {list(layouts)}")
     cases = [(skew, layout) for skew in skews for layout in layouts]
     layers = {c: build_layer(shape, c[1], c[0], rank, world) for c in cases}
     steps = {c: make_step(layers[c], shape, rank) for c in cases}
-    rounds = time_round_robin(steps, repeats)
+    rounds = slowest_rank(time_round_robin(steps, repeats, warmup=True))
     rows: list[dict[str, Any]] = []
     for c in cases:
         layer = layers[c]
@@ -238,7 +202,7 @@ def measure(
         weight_bytes = 0.0
         if isinstance(layer.dispatcher, FSSDPDispatcher) and layer.dispatcher.last_bytes:
             b = layer.dispatcher.last_bytes
-            weight_bytes = _sum_over_ranks(b.gather + b.regather + b.reduce)
+            (weight_bytes,) = reduce_over_ranks([b.gather + b.regather + b.reduce])
         flops = expert_flops(sum(per_rank), shape.dim, shape.hidden_dim)
         rows.append(
             {
@@ -251,7 +215,7 @@ def measure(
                 ),
                 "rows_per_rank": per_rank,
                 "straggler": max(per_rank) / mean if mean else 1.0,
-                "bytes": int(_sum_over_ranks(sent[0])),
+                "bytes": int(reduce_over_ranks(sent)[0]),
                 "weight_bytes": int(weight_bytes),
                 "fraction": flops / peak / statistics.median(rounds[c]),
             }
@@ -273,7 +237,7 @@ def _measure_memory(shape: Shape, cases: list, rows: list[dict], rank: int, worl
         step = make_step(layer, shape, rank)
         step()  # warm-up: lazily created state
         peak = peak_rss_bytes(step) - base
-        row["peak_mem"] = [int(v) for v in _gather_ranks(float(peak))]
+        row["peak_mem"] = [int(v) for v in gather_ranks(float(peak))]
         del layer, step
 
 
@@ -299,10 +263,10 @@ def figures(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def format_table(result: dict[str, Any], title: str) -> str:
+    """``measure``'s result as a table headed by ``title``."""
     s = result["shape"]
     lines = [
-        f"{title}: {result['world']} ranks, E={s['num_experts']} K={s['top_k']} D={s['dim']} "
-        f"F={s['hidden_dim']} T={s['tokens']}/rank; peak GEMM (sum over ranks) "
+        f"{title}: {result['world']} ranks, {describe_shape(s)}; peak GEMM (sum over ranks) "
         f"{result['peak_flops'] / 1e9:.0f} GFLOP/s",
         f"{'skew':9} {'layout':10} {'step':>8} {'speedup':>8} {'straggler':>9} {'MB moved':>9} "
         f"{'(weights)':>9} {'peak MB/rank':>13} {'mem x EP':>8} {'frac':>6}",
@@ -360,71 +324,29 @@ def run_loopback(
     pin: bool = True,
     layouts: Sequence[str] = DEFAULT_LAYOUTS,
 ) -> dict[str, Any]:
+    """``measure`` on ``world`` gloo processes on loopback (``loopback_worker``); rank 0's
+    result."""
     from moetrain.testing import run_distributed
 
     args = (shape, skews, repeats, pin, tuple(layouts))
     return run_distributed(loopback_worker, world, *args, timeout=3600)[0]
 
 
-def worker(argv: Sequence[str] | None = None) -> None:
-    """One torchrun process (the simulated cluster): rank 0 writes the JSON result to --out."""
-    parser = argparse.ArgumentParser(description="bench_fssdp worker (run by torchrun)")
-    parser.add_argument("--out", required=True)
-    add_shape_options(parser)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # 4 processes share the cores; gloo's threads need some too
-    dist.init_process_group("gloo")
-    try:
-        layouts = args.layouts.split(",")
-        result = measure(shape_from(args), args.skews.split(","), args.repeats, layouts)
-        if dist.get_rank() == 0:
-            Path(args.out).write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
-    # The FSSDP layers' DTensors leave references to the default group behind (torch's
-    # ``group=group.WORLD`` defaults of torch.distributed.nn.functional, imported after
-    # init_process_group, and DeviceMesh), so destroy_process_group cannot join gloo's worker
-    # threads. One of them may drop the last collective's work (and with it tensors whose Python
-    # objects died) while the interpreter finalizes: its GIL acquire then ends the thread,
-    # "terminate called without an active exception" (SIGABRT), and the other node's torchrun
-    # waits out its exit barrier. Everything is written: leave without finalizing.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def add_shape_options(parser: argparse.ArgumentParser) -> None:
-    d = Shape()
-    parser.add_argument("--experts", type=int, default=d.num_experts, help="E")
-    parser.add_argument("--top-k", type=int, default=d.top_k, help="K")
-    parser.add_argument("--dim", type=int, default=d.dim, help="D")
-    parser.add_argument("--hidden", type=int, default=d.hidden_dim, help="F (per expert)")
-    parser.add_argument("--tokens", type=int, default=d.tokens, help="T per rank")
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The shape options (``benchmarks.common.add_shape_options``), ``--skews`` and
+    ``--layouts``: shared by tools/bench_fssdp.py and the cluster worker."""
+    add_shape_options(parser, Shape(), repeats=5)
     parser.add_argument("--skews", default=",".join(SKEWS), help=f"of {list(SKEWS)}")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     parser.add_argument(
         "--layouts", default=",".join(DEFAULT_LAYOUTS), help=f"ep first, then of {LAYOUTS[1:]}"
     )
 
 
-def shape_from(args: argparse.Namespace) -> Shape:
-    return Shape(args.experts, args.top_k, args.dim, args.hidden, args.tokens)
-
-
-def shape_args(
+def worker_args(
     shape: Shape, skews: Sequence[str], repeats: int, layouts: Sequence[str]
 ) -> list[str]:
-    return [
-        *("--experts", str(shape.num_experts), "--top-k", str(shape.top_k)),
-        *("--dim", str(shape.dim), "--hidden", str(shape.hidden_dim)),
-        *("--tokens", str(shape.tokens), "--skews", ",".join(skews), "--repeats", str(repeats)),
-        *("--layouts", ",".join(layouts)),
-    ]
-
-
-def cluster_problem() -> str | None:
-    """Why the simulated cluster cannot run here (None: it can)."""
-    return sim_cluster.cluster_problem("bench_fssdp")
+    """The command line ``add_options`` parses back into these arguments (for the workers)."""
+    return [*shape_args(shape, repeats), "--skews", ",".join(skews), "--layouts", ",".join(layouts)]
 
 
 def run_cluster(
@@ -437,9 +359,9 @@ def run_cluster(
 ) -> dict[str, Any]:
     """2 simulated nodes x 2 processes (``rate`` shapes each node's link with tc tbf, empty =
     unlimited); returns rank 0's result."""
-    return sim_cluster.run_on_sim_cluster(
-        "moetrain.bench.fssdp",
-        shape_args(shape, skews, repeats, layouts),
+    return run_on_sim_cluster(
+        "benchmarks.fssdp_worker",
+        worker_args(shape, skews, repeats, layouts),
         prefix=f"mtfs{os.getpid() % 100000}",
         rate=rate,
         subnet="10.78.0",
@@ -468,7 +390,7 @@ def run(
     result: dict[str, Any] = {"loopback": loopback}
     flat = figures(result["loopback"])
     if cluster:
-        problem = cluster_problem()
+        problem = cluster_problem("bench_fssdp")
         if problem is not None:
             result["cluster_skipped"] = problem
         else:
@@ -476,7 +398,3 @@ def run(
             flat.update(figures(result["cluster"], "cluster_"))
     result["figures"] = flat
     return result
-
-
-if __name__ == "__main__":
-    worker()

@@ -71,9 +71,15 @@ def _zero_grads(module: nn.Module, x: Tensor) -> None:
     x.grad = None
 
 
-def moetrain_peer(shape: Shape) -> Peer:
+def _layer(shape: Shape) -> MoELayer:
+    """The layer every moetrain peer starts from (seed 0: the same weights everywhere)."""
     torch.manual_seed(0)
-    layer = MoELayer(_moe_config(shape))
+    return MoELayer(_moe_config(shape))
+
+
+def moetrain_peer(shape: Shape) -> Peer:
+    """``MoELayer`` as the trainer builds it (csrc ops when loaded)."""
+    layer = _layer(shape)
     x, g = _inputs(shape)
 
     def step() -> None:
@@ -97,8 +103,7 @@ def moetrain_reference_ops_peer(shape: Shape) -> Peer:
 
 def reference_peer(shape: Shape) -> Peer:
     """The naive per-expert loop with boolean indexing (``reference_moe_per_expert``)."""
-    torch.manual_seed(0)
-    layer = MoELayer(_moe_config(shape))
+    layer = _layer(shape)
     x, g = _inputs(shape)
 
     def step() -> None:
@@ -275,8 +280,7 @@ def ep_moetrain_layer(shape: Shape, group: Any = None, overlap_chunks: int = 1) 
     """The single-process peer's layer (same seed, same weights) keeping only this rank's E/EP
     experts and dispatching through an ``AllToAllDispatcher`` over ``group`` (None: the
     default group)."""
-    torch.manual_seed(0)
-    layer = MoELayer(_moe_config(shape))
+    layer = _layer(shape)
     dispatcher = AllToAllDispatcher(shape.num_experts, group, overlap_chunks)
     keep_local_experts(layer, dist.get_rank(group), dispatcher.num_local)
     layer.dispatcher = dispatcher
@@ -296,6 +300,7 @@ def keep_local_experts(layer: MoELayer, ep_rank: int, num_local: int) -> None:
 
 
 def ep_moetrain_peer(shape: Shape, overlap_chunks: int = 1) -> Peer:
+    """``ep_moetrain_layer`` on this rank's ``ep_inputs`` (collective steps)."""
     layer = ep_moetrain_layer(shape, None, overlap_chunks)
     x, g = ep_inputs(shape, dist.get_rank())
 

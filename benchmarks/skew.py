@@ -17,9 +17,9 @@ benchmark (``SkewedRouter`` replaces ``layer.router``); the training app has no 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from moetrain.moe.router import RouterOutput
+from moetrain.moe.router import Router, RouterOutput
 
 SKEWS = ("uniform", "zipf1.0", "zipf1.5", "hot")
 
@@ -51,16 +51,24 @@ def skewed_topk(
     return torch.multinomial(p.expand(num_tokens, -1), top_k, False, generator=generator)
 
 
-class SkewedRouter(nn.Module):
+class SkewedRouter(Router):
     """Wraps a learned router: its scores, logits and probabilities as computed, but the top-k
     ids drawn from ``skew``; the combine weights are the router's probabilities of the forced
-    experts, renormalized (so router gradients still flow)."""
+    experts, renormalized (so router gradients still flow).
 
-    def __init__(self, router: nn.Module, skew: str, top_k: int, seed: int = 0) -> None:
-        super().__init__()
+    ``reset_parameters`` resets the wrapped router. ``record_load`` / ``update_expert_bias``
+    stay no-ops: the forced ids are not the wrapped router's choice, so balancing its bias
+    against them would be meaningless.
+    """
+
+    def __init__(self, router: Router, skew: str, top_k: int, seed: int = 0) -> None:
+        super().__init__(router.cfg)
         expert_probs(skew, 2)  # validates the name
         self.inner, self.skew, self.top_k = router, skew, top_k
         self.generator = torch.Generator().manual_seed(seed)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        self.inner.reset_parameters(std)
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
         out = self.inner(x_TD, token_ids_T)

@@ -9,7 +9,7 @@ and
     fraction = (expert FLOPs of all ranks / sum of the ranks' peaks) / slowest rank's time
 
 with each rank measuring its own peak (1 thread) at the same time as the others, at the start
-and at the end of the run (DESIGN.md, Benchmarks).
+and at the end of the run (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from moetrain.bench.peers import EP_PEERS, Peer, PeerUnavailable, Shape
+from benchmarks.common import peer_lines, time_round_robin
+from benchmarks.peers import EP_PEERS, Peer, PeerUnavailable, Shape
 from moetrain.ops import active_backend
 from moetrain.perf import (
     PEAK_N,
@@ -73,22 +74,29 @@ def measure_shape(shape: Shape, peers: list[str], repeats: int) -> list[RankRow]
     same arguments. The peers take turns repeat by repeat (a burst of load from elsewhere hits
     them alike), and a barrier lines the ranks up before each timed step."""
     built = [_build(shape, p) for p in peers]
-    for _ in range(repeats):
-        for row, peer in built:
-            if peer is None or row.note:
-                continue
-            dist.barrier()
-            start = time.perf_counter()
-            try:
-                peer.step()
-            except Exception as err:
-                _failed(row, err)
-            row.times.append(time.perf_counter() - start)
+    steps = {i: _guarded(row, peer) for i, (row, peer) in enumerate(built) if peer is not None}
+    for i, times in time_round_robin(steps, repeats).items():
+        built[i][0].times = times
     for row, peer in built:
         if peer is not None and not row.note:
             row.routed_rows = peer.routed_rows()  # collective for some peers: every rank
             row.expert_flops = expert_flops(row.routed_rows, shape.dim, shape.hidden_dim)
     return [row for row, _ in built]
+
+
+def _guarded(row: RankRow, peer: Peer) -> Callable[[], None]:
+    """``peer.step``, but a failure goes to ``row.note`` (and the peer runs no more) instead of
+    raising: one broken peer leaves the others' figures."""
+
+    def step() -> None:
+        if row.note:
+            return
+        try:
+            peer.step()
+        except Exception as err:
+            _failed(row, err)
+
+    return step
 
 
 def _concurrent_peak(n: int) -> float:
@@ -198,7 +206,16 @@ def combine_ranks(per_rank: list[dict]) -> dict:
     }
 
 
+def _ep_cells(r: dict) -> str:
+    per_rank = "/".join(f"{t * 1e3:.0f}" for t in r["rank_seconds"])
+    return (
+        f"{r['seconds'] * 1e3:7.0f}ms {per_rank:>16} {r['routed_rows']:7d} "
+        f"{r['fraction_of_peak']:6.3f}"
+    )
+
+
 def format_ep_table(result: dict) -> str:
+    """``run_ep``'s result as a table."""
     peaks = ", ".join(f"{p / 1e9:.1f}" for p in result["rank_peak_flops"])
     lines = [
         f"EP={result['ep']}: {result['ep']} gloo processes on loopback, "
@@ -208,18 +225,7 @@ def format_ep_table(result: dict) -> str:
         f"{'case':8} {'mode':9} {'peer':18} {'slowest':>9} {'per rank':>16} {'rows':>7} "
         f"{'frac':>6} {'vs ours':>8}",
     ]
-    ours = {(r["case"], r["mode"]): r["seconds"] for r in result["rows"] if r["peer"] == "moetrain"}
-    for r in result["rows"]:
-        if r["seconds"] is None:
-            lines.append(f"{r['case']:8} {r['mode']:9} {r['peer']:18} {r['note']}")
-            continue
-        base = ours.get((r["case"], r["mode"]))
-        speed = f"{base / r['seconds']:.2f}x" if base else ""
-        per_rank = "/".join(f"{t * 1e3:.0f}" for t in r["rank_seconds"])
-        lines.append(
-            f"{r['case']:8} {r['mode']:9} {r['peer']:18} {r['seconds'] * 1e3:7.0f}ms "
-            f"{per_rank:>16} {r['routed_rows']:7d} {r['fraction_of_peak']:6.3f} {speed:>8}"
-        )
+    lines += peer_lines(result["rows"], 18, _ep_cells)
     lines += [
         f"tokens per rank: {result['tokens_per_rank']} (each rank does the single-process "
         "case's expert work)",
