@@ -16,8 +16,9 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moetrain.config.validate import parallel_dims
+from moetrain.config.validate import expert_placement, parallel_dims
 from moetrain.models import Transformer
+from moetrain.parallel.placement import validate_placement_options
 from moetrain.parallel.plan import describe_plan
 from moetrain.train.cli import compose_config
 
@@ -34,12 +35,14 @@ def main() -> None:
         dims = parallel_dims(cfg, args.world_size)  # type: ignore[arg-type]
         experts = m.moe.num_experts if m.num_moe_layers else None
         dims.validate_model(m, args.virtual_stages)
+        validate_placement_options(cfg.parallel, dims)  # type: ignore[attr-defined]
+        placement = expert_placement(cfg)  # type: ignore[arg-type]
     except (ValueError, OmegaConfBaseException, HydraException) as err:  # LayoutError included
         print(f"plan_parallel: error: {err}", file=sys.stderr)
         sys.exit(2)
     with torch.device("meta"):
         model = Transformer(m)
-    print(describe_plan(dims, model, experts, args.virtual_stages))
+    print(describe_plan(dims, model, experts, args.virtual_stages, placement))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 
 from moetrain.config.schema import Config
-from moetrain.parallel.dims import ParallelDims
-from moetrain.parallel.ep import A2A_MODES, EPOptions
-from moetrain.parallel.fssdp import FSSDPOptions
-from moetrain.parallel.fssdp_plan import DEFAULT_SLACK
+from moetrain.moe.router_registry import router_class
+from moetrain.parallel.dims import LayoutError, ParallelDims
+from moetrain.parallel.placement import (
+    ExpertPlacement,
+    placement_class,
+    validate_placement_options,
+)
 
 
 class ConfigError(ValueError):
@@ -41,26 +44,10 @@ def parallel_dims(cfg: Config, world: int | None = None) -> ParallelDims:
     )
 
 
-def ep_ranks_per_node(cfg: Config) -> int | None:
-    """``parallel.ep_ranks_per_node``, or torchrun's ``LOCAL_WORLD_SIZE`` when null."""
-    if cfg.parallel.ep_ranks_per_node is not None:
-        return cfg.parallel.ep_ranks_per_node
-    local = os.environ.get("LOCAL_WORLD_SIZE")
-    return int(local) if local else None
-
-
-def ep_options(cfg: Config) -> EPOptions:
-    """The all-to-all dispatcher's options (validated by ``validate``)."""
-    p = cfg.parallel
-    hierarchical = p.ep_a2a == "hierarchical"
-    return EPOptions(
-        p.ep_overlap_chunks, p.ep_a2a, ep_ranks_per_node(cfg) if hierarchical else None
-    )
-
-
-def fssdp_options(cfg: Config) -> FSSDPOptions:
-    """FSSDP's options (validated by ``validate``; used when parallel.expert_sharding=fssdp)."""
-    return FSSDPOptions(cfg.parallel.fssdp_rematerialize, cfg.parallel.fssdp_slack)
+def expert_placement(cfg: Config) -> ExpertPlacement:
+    """The expert placement ``parallel.expert_sharding`` names, with its ``parallel.*`` options
+    (validated by ``validate``)."""
+    return placement_class(cfg.parallel.expert_sharding).from_config(cfg.parallel)
 
 
 def validate(cfg: Config) -> None:
@@ -152,11 +139,11 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
             "'full' (one norm over all heads) does not split over tensor-parallel ranks; use "
             "parallel.tp=1 or qk_norm=head",
         )
-    if dims.pp > 1 and m.num_moe_layers and m.moe.router_type == "hash":
+    if dims.pp > 1 and m.num_moe_layers and router_class(m.moe.router_type).needs_token_ids:
         _fail(
             "model.moe.router_type",
-            "'hash' routes by token id, which later pipeline stages do not receive; use a "
-            "learned router with parallel.pp > 1",
+            f"{m.moe.router_type!r} routes by token id, which later pipeline stages do not "
+            "receive; use a learned router with parallel.pp > 1",
         )
     if cfg.train.seq_len % dims.tp:
         _fail(
@@ -174,55 +161,13 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
             raise ConfigError(why)
     elif p.pp_virtual_stages != 1:
         _fail("parallel.pp_virtual_stages", "applies to pipeline layouts only (parallel.pp > 1)")
-    _validate_ep_dispatch(cfg, dims)
-    _validate_fssdp(cfg, dims)
+    try:
+        validate_placement_options(p, dims)
+    except LayoutError:
+        raise
+    except ValueError as err:  # an option's value: a config error like the others
+        raise ConfigError(str(err)) from None
     return dims
-
-
-def _validate_fssdp(cfg: Config, dims: ParallelDims) -> None:
-    p = cfg.parallel
-    if p.fssdp_slack < 0:
-        _fail("parallel.fssdp_slack", f"must be >= 0, got {p.fssdp_slack}")
-    if not dims.fssdp:
-        for key, value, default in (
-            ("fssdp_rematerialize", p.fssdp_rematerialize, True),
-            ("fssdp_slack", p.fssdp_slack, DEFAULT_SLACK),
-        ):
-            if value != default:
-                _fail(f"parallel.{key}", "applies to parallel.expert_sharding=fssdp only")
-
-
-def _validate_ep_dispatch(cfg: Config, dims: ParallelDims) -> None:
-    p = cfg.parallel
-    if p.ep_overlap_chunks < 1:
-        _fail(
-            "parallel.ep_overlap_chunks",
-            f"must be >= 1 (1 = no overlap), got {p.ep_overlap_chunks}",
-        )
-    if p.ep_a2a not in A2A_MODES:
-        _fail("parallel.ep_a2a", f"must be flat or hierarchical, got {p.ep_a2a!r}")
-    if p.ep_ranks_per_node is not None and p.ep_ranks_per_node < 1:
-        _fail("parallel.ep_ranks_per_node", f"must be >= 1 or null, got {p.ep_ranks_per_node}")
-    if dims.ep == 1:
-        for key, value, default in (
-            ("ep_overlap_chunks", p.ep_overlap_chunks, 1),
-            ("ep_a2a", p.ep_a2a, "flat"),
-        ):
-            if value != default:
-                _fail(
-                    f"parallel.{key}", "applies to expert-parallel layouts only (parallel.ep > 1)"
-                )
-        return
-    if p.ep_a2a == "hierarchical":
-        per_node = ep_ranks_per_node(cfg)
-        if per_node is None:
-            _fail(
-                "parallel.ep_ranks_per_node",
-                "parallel.ep_a2a=hierarchical needs the ranks per node: set it, or launch with "
-                "torchrun (which sets LOCAL_WORLD_SIZE)",
-            )
-        else:
-            dims.ep_node_layout(per_node)
 
 
 def _validate_checkpoint(cfg: Config) -> None:

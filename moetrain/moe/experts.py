@@ -23,6 +23,11 @@ from torch.distributed.tensor import DTensor
 
 from moetrain.moe.config import MoEConfig
 
+# every routed-expert weight and the dim that holds F ([E, F, D] or [E, D, F]); the other
+# non-expert dim holds D. Sharding code (expert TP, FSSDP, FSDP of experts) reads it from here.
+EXPERT_WEIGHTS = (("w1_EFD", 1), ("w3_EFD", 1), ("w2_EDF", 2))
+EXPERT_F_DIM = dict(EXPERT_WEIGHTS)
+
 
 def _local(w: Tensor | None) -> Tensor | None:
     return w.to_local() if isinstance(w, DTensor) else w

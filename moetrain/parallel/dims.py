@@ -14,9 +14,8 @@ folding", torchtitan's dp2ep), so ``ep`` and ``etp`` do not multiply the world:
 The remaining factor is the expert-data-parallel degree ``edp = dp_replicate x edp_shard``: each
 expert is replicated (or FSDP-sharded) over edp ranks.
 
-``expert_sharding="fssdp"`` replaces expert parallelism: every expert is sharded on F over all
-ranks of a pipeline stage (the FSSDP group, ``dp_replicate x dp_shard`` ranks) and
-materialized sparsely each call (``moetrain.parallel.fssdp``); it needs ``tp = ep = etp = 1``.
+``expert_sharding`` names the expert placement (``moetrain.parallel.placement``: ``ep`` by
+default, ``fssdp``, or a registered one); the placement adds its own checks and mesh.
 """
 
 from __future__ import annotations
@@ -29,11 +28,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from moetrain.models.config import ModelConfig
+from moetrain.parallel.placement import placement_class
 
 DENSE_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 EXPERT_AXES = ("pp", "dp_replicate", "edp_shard", "ep", "etp")
-FSSDP_AXES = ("pp", "fssdp")
-EXPERT_SHARDINGS = ("ep", "fssdp")
 
 
 class LayoutError(ValueError):
@@ -95,20 +93,7 @@ class ParallelDims:
         self._validate_experts_axes()
 
     def _validate_experts_axes(self) -> None:
-        if self.expert_sharding not in EXPERT_SHARDINGS:
-            _fail(
-                "parallel.expert_sharding",
-                f"must be one of {list(EXPERT_SHARDINGS)}, got {self.expert_sharding!r}",
-            )
-        if self.fssdp:
-            for name in ("ep", "etp", "tp"):
-                if getattr(self, name) != 1:
-                    _fail(
-                        "parallel.expert_sharding",
-                        f"'fssdp' shards every expert over all ranks of a pipeline stage and does "
-                        f"not combine with parallel.{name}={getattr(self, name)}; set "
-                        f"parallel.{name}=1 or parallel.expert_sharding=ep",
-                    )
+        placement_class(self.expert_sharding).validate_dims(self)
         if self.etp not in (1, self.tp):
             _fail("parallel.etp", f"must be 1 or equal to parallel.tp={self.tp}, got {self.etp}")
         pool, pool_name = self.expert_pool
@@ -135,12 +120,8 @@ class ParallelDims:
         return self.dp_replicate * self.edp_shard
 
     @property
-    def fssdp(self) -> bool:
-        return self.expert_sharding == "fssdp"
-
-    @property
     def stage_ranks(self) -> int:
-        """Ranks of one pipeline stage (under FSSDP: the group each expert is sharded over)."""
+        """Ranks of one pipeline stage (the ranks MoE layers may regroup)."""
         return self.world_size // self.pp
 
     @property
@@ -150,9 +131,7 @@ class ParallelDims:
 
     def validate_model(self, model: ModelConfig, virtual_stages: int = 1) -> None:
         """Model-dependent checks, before any process group starts."""
-        num_experts = model.moe.num_experts if model.num_moe_layers else None
-        if num_experts is not None and num_experts % self.ep:
-            _fail("parallel.ep", f"{self.ep} does not divide model.moe.num_experts={num_experts}")
+        placement_class(self.expert_sharding).validate_model(self, model)
         if self.tp > 1 and model.attention == "mla":  # before the GQA head-count checks
             _fail(
                 "model.attention",
@@ -169,19 +148,6 @@ class ParallelDims:
         for name, size in divisible_by_tp.items():
             if size % self.tp:
                 _fail("parallel.tp", f"{self.tp} does not divide {name}={size}")
-        if num_experts is not None and model.moe.hidden_dim % self.etp:
-            _fail(
-                "parallel.etp",
-                f"{self.etp} does not divide model.moe.hidden_dim={model.moe.hidden_dim} "
-                "(expert tensor parallelism splits each expert's hidden dim)",
-            )
-        if num_experts is not None and self.fssdp and model.moe.hidden_dim % self.stage_ranks:
-            _fail(
-                "parallel.expert_sharding",
-                f"'fssdp' splits each expert's hidden dim over the {self.stage_ranks} ranks of a "
-                f"pipeline stage, which do not divide model.moe.hidden_dim="
-                f"{model.moe.hidden_dim}; pick a multiple of {self.stage_ranks}",
-            )
         stages = self.pp * virtual_stages
         if stages > model.num_layers:
             _fail(
@@ -189,6 +155,29 @@ class ParallelDims:
                 f"pp x virtual stages = {self.pp} x {virtual_stages} = {stages} exceeds "
                 f"model.num_layers={model.num_layers}; every stage needs at least one layer",
             )
+
+    def layout(self, virtual_stages: int = 1) -> dict[str, int | str]:
+        """The layout as a checkpoint records it: every degree, and the placement's key. A
+        resume on an equal layout restores per-rank state exactly."""
+        layout: dict[str, int | str] = {
+            "world_size": self.world_size,
+            "pp": self.pp,
+            "dp_replicate": self.dp_replicate,
+            "dp_shard": self.dp_shard,
+            "tp": self.tp,
+            "ep": self.ep,
+            "etp": self.etp,
+            "pp_virtual_stages": virtual_stages,
+        }
+        layout.update(placement_class(self.expert_sharding).checkpoint_layout(self))
+        return layout
+
+    def describe(self) -> str:
+        """The dense degrees in one phrase (the placement describes the experts)."""
+        return (
+            f"world {self.world_size} = pp {self.pp} x dp_replicate {self.dp_replicate} x "
+            f"dp_shard {self.dp_shard} x tp {self.tp}"
+        )
 
     # --- rank arithmetic ---------------------------------------------------------------------
 
@@ -260,24 +249,21 @@ class ParallelDims:
 @dataclass
 class Meshes:
     """``dense``: [pp, dp_replicate, dp_shard, tp]; ``experts``: [pp, dp_replicate, edp_shard,
-    ep, etp] over the same ranks (process groups of its own); ``fssdp`` (FSSDP layouts only):
-    [pp, fssdp], a stage's ranks in rank order along ``fssdp``."""
+    ep, etp] over the same ranks (process groups of its own); ``placement``: the expert
+    placement's own mesh, if it has one (FSSDP: [pp, fssdp])."""
 
     dense: DeviceMesh
     experts: DeviceMesh
-    fssdp: DeviceMesh | None = None
+    placement: DeviceMesh | None = None
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
-    """Build both meshes; every rank of the default process group must call this, in the same
+    """Build every mesh; every rank of the default process group must call this, in the same
     order. The default group must have ``dims.world_size`` ranks."""
     world = dist.get_world_size()
     if world != dims.world_size:
         _fail("parallel", f"the process group has {world} ranks, the layout {dims.world_size}")
     dense = DeviceMesh(device_type, dims.rank_grid(), mesh_dim_names=DENSE_AXES)
     experts = DeviceMesh(device_type, dims.expert_grid(), mesh_dim_names=EXPERT_AXES)
-    fssdp = None
-    if dims.fssdp:
-        grid = dims.rank_grid().view(dims.pp, dims.stage_ranks)
-        fssdp = DeviceMesh(device_type, grid, mesh_dim_names=FSSDP_AXES)
-    return Meshes(dense, experts, fssdp)
+    placement = placement_class(dims.expert_sharding).mesh(dims, device_type)
+    return Meshes(dense, experts, placement)

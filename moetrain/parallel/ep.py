@@ -78,17 +78,6 @@ def exchange(x: Tensor, splits: Splits, comm: EPExchange) -> Tensor:
     return _Exchange.apply(x, splits, comm)
 
 
-def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-    """Differentiable ``all_to_all_single`` with uneven splits over ``group``."""
-    return exchange(x, Splits(in_splits, out_splits), FlatAllToAll(group))
-
-
-def chunk_order(counts_AB: Tensor) -> Tensor:
-    """Row permutation that regroups rows stored as A x B chunks (A-major, chunk (a, b) of
-    ``counts_AB[a, b]`` rows) into B-major order: result[i] = source row of output row i."""
-    return segment_order(counts_AB)
-
-
 @dataclass
 class _Routed:
     """One call's routing as the exchange needs it (CPU counts)."""
@@ -146,7 +135,7 @@ class AllToAllDispatcher:
         splits = routed.splits()
         received_RD = exchange(permute(x_TD, routed.rows.row_token_R), splits, self.comm)
         # (source, local expert) -> (local expert, source)
-        order = chunk_order(routed.recv_Pe).to(x_TD.device)
+        order = segment_order(routed.recv_Pe).to(x_TD.device)
         self._state = (routed.rows, x_TD.shape[0], splits, order)
         return permute(received_RD, order), routed.recv_Pe.sum(0)
 

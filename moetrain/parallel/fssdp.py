@@ -53,6 +53,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from moetrain.moe.dispatcher import ExpertsFn, Routing, sort_by_expert
+from moetrain.moe.experts import EXPERT_WEIGHTS
 from moetrain.moe.layer import MoELayer, recomputing
 from moetrain.ops import permute, unpermute
 from moetrain.parallel.ep_comm import FlatAllToAll, Splits, segment_order
@@ -63,8 +64,6 @@ from moetrain.parallel.fssdp_comm import (
     ShardLayout,
 )
 from moetrain.parallel.fssdp_plan import DEFAULT_SLACK, Placement, PlanStats, plan_placement
-
-EXPERT_WEIGHTS = (("w1_EFD", 1), ("w3_EFD", 1), ("w2_EDF", 2))  # (name, dim of F)
 
 ExpertCompute = Callable[..., Tensor]  # (rows_RD, tokens_per_expert_m, w1, w3, w2) -> out_RD
 

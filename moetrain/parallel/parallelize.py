@@ -1,18 +1,17 @@
-"""Apply a layout to a model: pipeline stages, then TP, EP (or FSSDP), activation checkpointing,
-FSDP2.
+"""Apply a layout to a model: pipeline stages, then TP, the expert placement (EP, FSSDP, ...),
+activation checkpointing, FSDP2.
 
 The full model is built and initialized identically on every rank (same seed, same order of
 draws), then cut and sharded; sharding only keeps local slices (``distribute_tensor`` with
 ``src_data_rank=None``), so the weights are the single-process weights whatever the layout.
 
-Order per stage chunk (as torchtitan): TP plans on each block and the ends -> expert weights as
-DTensors sharded on E over the EP axis (and on F over ETP), dispatcher replaced by the
-all-to-all one (overlap chunks and flat or hierarchical exchange from ``EPOptions``) — or, with
-``expert_sharding=fssdp``, expert weights as DTensors sharded on F over the stage's ranks and the
-FSSDP dispatcher (``moetrain.parallel.fssdp``) -> activation checkpointing flag ->
-``fully_shard`` of each MoE layer's experts over their expert-data-parallel ranks (not under
-FSSDP, which shards them itself), of each block and of the chunk over the dense data-parallel
-ranks (HSDP with dp_replicate).
+Order per stage chunk (as torchtitan): TP plans on each block and the ends -> the expert
+placement's ``apply`` on each MoE layer (``moetrain.parallel.placement``: under EP the expert
+weights become DTensors sharded on E over the EP axis and on F over ETP, and the all-to-all
+dispatcher replaces the local one) -> activation checkpointing flag -> ``fully_shard`` of each
+MoE layer's experts over their expert-data-parallel ranks (unless the placement shards them
+itself), of each block and of the chunk over the dense data-parallel ranks (HSDP with
+dp_replicate).
 
 Gradient reductions: FSDP2 **sums** (divide factor 1) — the trainer scales each micro-batch's
 loss by 1/(micro-batches in the global batch), so dense gradients summed over the dp ranks and
@@ -27,24 +26,23 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from moetrain.models.block import TransformerBlock
 from moetrain.models.config import ModelConfig
 from moetrain.models.transformer import Transformer
-from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.experts import EXPERT_F_DIM, GroupedExperts
 from moetrain.moe.layer import MoELayer
-from moetrain.parallel.context import ParallelContext
-from moetrain.parallel.ep import AllToAllDispatcher, EPOptions
-from moetrain.parallel.ep_comm import HierarchicalAllToAll, NodeGroups
-from moetrain.parallel.fssdp import FSSDPOptions, apply_fssdp
+from moetrain.parallel.context import ParallelContext, single_process_context
+from moetrain.parallel.grads import clip_grad_norm, finish_partial_grads
+from moetrain.parallel.placement import ExpertPlacement, StepStatistics, placement_class
 from moetrain.parallel.tp import (
     ParamRef,
     apply_tp_block,
     apply_tp_ends,
+    sync_tp_partial_grads,
     tp_partial_params,
 )
 
@@ -103,8 +101,14 @@ class _StateView(nn.Module):
 @dataclass
 class ParallelModel:
     """This rank's part of the model: ``chunks`` (the whole model, or its pipeline stages in
-    stage order), its MoE layers with their global MoE indices, and the parameters whose
-    gradients are partial over tensor-parallel ranks."""
+    stage order), its MoE layers with their global MoE indices, the parameters whose gradients
+    are partial over tensor-parallel ranks, and the context and placement it was built for.
+
+    Training goes through its methods, so the loop knows no layout: ``prepare_training`` wires
+    the MoE layers (aux-loss scale, global-scope count reduction), ``finish_gradients`` and
+    ``clip_grad_norm`` after the backward passes, ``update_expert_bias`` after the optimizer
+    step, ``step_statistics`` for what the placement logs.
+    """
 
     chunks: list[nn.Module]
     stage_ids: list[int]
@@ -112,6 +116,45 @@ class ParallelModel:
     moe_layers: list[MoELayer]
     moe_ids: list[int]
     tp_partial: list[ParamRef] = field(default_factory=list)
+    ctx: ParallelContext = field(default_factory=single_process_context)
+    placement: ExpertPlacement | None = None
+
+    def prepare_training(self, aux_loss_scale: float) -> None:
+        """Every MoE layer scales its aux-loss gradients by ``aux_loss_scale`` (1 / micro-batches
+        in the global batch) and, with data parallelism, sums its global-scope expert counts
+        over the data-parallel ranks."""
+        ctx = self.ctx
+        for layer in self.moe_layers:
+            layer.aux_loss_scale = aux_loss_scale
+            if ctx.distributed and ctx.dims.dp > 1:
+                layer.reduce_global_counts = ctx.reduce_over_dp
+
+    def finish_gradients(self) -> None:
+        """After the last backward of a step: the placement's own expert-gradient reduction,
+        then the sums tensor parallelism leaves partial (the routers' and other weights used on
+        every TP rank)."""
+        if self.placement is not None and self.ctx.distributed:
+            self.placement.reduce_gradients(self.moe_layers, self.ctx)
+        if self.ctx.dims.tp > 1:
+            sync_tp_partial_grads(self.tp_partial, self.ctx.group("tp"))
+            finish_partial_grads(self.parameters())
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip to the global gradient norm (each parameter counted once); returns the norm."""
+        return clip_grad_norm(self.parameters(), max_norm, self.ctx)
+
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing, once per optimizer step: loads summed over the data-parallel
+        ranks."""
+        reduce_load = self.ctx.reduce_over_dp if self.ctx.distributed else None
+        for layer in self.moe_layers:
+            layer.update_expert_bias(reduce_load)
+
+    def step_statistics(self) -> list[StepStatistics]:
+        """The placement's per-step statistics sources (none in one process)."""
+        if self.placement is None:
+            return []
+        return self.placement.step_statistics(self.cfg, self.moe_layers, self.moe_ids, self.ctx)
 
     def state_module(self) -> nn.Module:
         """A module over this rank's parameters under the full model's names (``tok_embeddings``,
@@ -148,41 +191,6 @@ def _moe_layers(module: nn.Module) -> list[MoELayer]:
     return [m for m in module.modules() if isinstance(m, MoELayer)]
 
 
-def apply_ep(
-    layer: MoELayer,
-    ctx: ParallelContext,
-    options: EPOptions | None = None,
-    node_groups: NodeGroups | None = None,
-) -> None:
-    """Shard the routed experts: E over the EP axis, F over the ETP axis; EP > 1 dispatches
-    through the all-to-all, overlapped in ``options.overlap_chunks`` chunks, over the flat
-    exchange or (with ``node_groups``) the hierarchical one."""
-    dims = ctx.dims
-    assert ctx.meshes is not None
-    if dims.ep == 1 and dims.etp == 1:
-        return
-    options = options or EPOptions()
-    experts = layer.experts
-    E = layer.cfg.num_experts
-    if dims.ep > 1:
-        group = ctx.expert_group("ep")
-        comm = None
-        if node_groups is not None:
-            comm = HierarchicalAllToAll(node_groups, dist.get_rank(group))
-        layer.dispatcher = AllToAllDispatcher(E, group, options.overlap_chunks, comm)
-    axes = tuple(a for a, n in (("ep", dims.ep), ("etp", dims.etp)) if n > 1)
-    mesh = ctx.meshes.experts[axes]
-    for name in ("w1_EFD", "w3_EFD", "w2_EDF"):
-        weight = getattr(experts, name)
-        if weight is None:
-            continue
-        f_dim = 1 if name != "w2_EDF" else 2
-        placements = [Shard(0) if a == "ep" else Shard(f_dim) for a in axes]
-        sharded = distribute_tensor(weight.data, mesh, placements, src_data_rank=None)
-        experts.register_parameter(name, nn.Parameter(sharded))
-    experts.num_experts = E // dims.ep
-
-
 def _fsdp(module: nn.Module, mesh, **kwargs) -> None:
     fully_shard(module, mesh=mesh, **kwargs)
     fsdp = cast(FSDPModule, module)
@@ -190,17 +198,21 @@ def _fsdp(module: nn.Module, mesh, **kwargs) -> None:
     fsdp.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
 
 
-def apply_fsdp(chunk: nn.Module, ctx: ParallelContext) -> None:
+def apply_fsdp(chunk: nn.Module, ctx: ParallelContext, shards_experts: bool = False) -> None:
+    """FSDP2 over the data-parallel ranks: each MoE layer's experts over their edp ranks
+    (unless the placement ``shards_experts`` itself), each block and the chunk over dp."""
     dims = ctx.dims
     assert ctx.meshes is not None
-    experts_fsdp = dims.edp > 1 and not dims.fssdp  # FSSDP shards the experts itself
+    experts_fsdp = dims.edp > 1 and not shards_experts
     expert_params: set[nn.Parameter] = set()
     for layer in _moe_layers(chunk):
         if experts_fsdp:
             axes = ("dp_replicate", "edp_shard") if dims.dp_replicate > 1 else ("edp_shard",)
 
             def placement(p: nn.Parameter, experts: GroupedExperts = layer.experts) -> Shard:
-                return Shard(1) if p is experts.w2_EDF else Shard(2)
+                # the D dim (dim 0 is E, split by EP; F may be split by expert TP)
+                name = next(n for n, q in experts.named_parameters() if q is p)
+                return Shard(3 - EXPERT_F_DIM[name])
 
             _fsdp(layer.experts, ctx.meshes.experts[axes], shard_placement_fn=placement)
         else:
@@ -220,59 +232,49 @@ def parallelize(
     ctx: ParallelContext,
     activation_checkpointing: bool = False,
     virtual_stages: int = 1,
-    ep_options: EPOptions | None = None,
-    fssdp_options: FSSDPOptions | None = None,
+    placement: ExpertPlacement | None = None,
 ) -> ParallelModel:
-    """Cut ``model`` into this rank's pipeline stages and apply TP, EP or FSSDP, activation
-    checkpointing and FSDP2 as ``ctx.dims`` says (``ep_options``: how the all-to-all
-    dispatcher overlaps and exchanges; ``fssdp_options``: rematerialization and the planner's
-    slack). In one process the model is returned as is (with activation checkpointing if
-    asked)."""
+    """Cut ``model`` into this rank's pipeline stages and apply TP, the expert ``placement``
+    (default: the one ``ctx.dims.expert_sharding`` names, with default options), activation
+    checkpointing and FSDP2 as ``ctx.dims`` says. In one process the model is returned as is
+    (with activation checkpointing if asked)."""
     dims = ctx.dims
-    ep_options = ep_options or EPOptions()
+    if placement is None:
+        placement = placement_class(dims.expert_sharding)()
     blocks = [cast(TransformerBlock, b) for b in model.layers]
     moe_index = {id(m): i for i, m in enumerate(model.moe_layers())}
     for b in blocks:
         b.activation_checkpointing = activation_checkpointing
     if not ctx.distributed:
         moe = model.moe_layers()
-        return ParallelModel([model], [0], model.cfg, moe, list(range(len(moe))))
+        return ParallelModel([model], [0], model.cfg, moe, list(range(len(moe))), ctx=ctx)
     assert ctx.meshes is not None
-    coords = ctx.coords
     ranges = dims.layer_ranges(len(blocks), virtual_stages)
     num_stages = len(ranges)
     chunks: list[nn.Module]
     if dims.pp == 1:
         chunks, stage_ids = [model], [0]
     else:
-        stage_ids = [v * dims.pp + coords.pp for v in range(virtual_stages)]
+        stage_ids = [v * dims.pp + ctx.coords.pp for v in range(virtual_stages)]
         chunks = [
             PipelineChunk(model, ranges[s], s == 0, s == num_stages - 1, dims.tp) for s in stage_ids
         ]
     tp_partial: list[ParamRef] = []
-    node_groups = None
-    if dims.ep > 1 and ep_options.a2a == "hierarchical":
-        assert ep_options.ranks_per_node is not None
-        node_groups = ctx.ep_node_groups(ep_options.ranks_per_node)  # collective: every rank
+    placement.setup(ctx)  # collective: every rank
     for chunk, s in zip(chunks, stage_ids):
-        chunk_blocks = _blocks(chunk)
         if dims.tp > 1:
             tp_mesh = ctx.meshes.dense["tp"]
-            for block in chunk_blocks:
+            for block in _blocks(chunk):
                 apply_tp_block(block, tp_mesh, dims.etp)
                 tp_partial += tp_partial_params(block)
             apply_tp_ends(chunk, tp_mesh, first=s == 0, last=s == num_stages - 1)
         for layer in _moe_layers(chunk):
-            if dims.fssdp:
-                if dims.stage_ranks > 1:  # one rank per stage: the experts stay whole
-                    assert ctx.meshes.fssdp is not None
-                    apply_fssdp(layer, ctx.meshes.fssdp["fssdp"], fssdp_options)
-            else:
-                apply_ep(layer, ctx, ep_options, node_groups)
-        apply_fsdp(chunk, ctx)
+            placement.apply(layer, ctx)
+        apply_fsdp(chunk, ctx, placement.shards_experts)
     moe_layers = [m for c in chunks for m in _moe_layers(c)]
+    moe_ids = [moe_index[id(m)] for m in moe_layers]
     return ParallelModel(
-        chunks, stage_ids, model.cfg, moe_layers, [moe_index[id(m)] for m in moe_layers], tp_partial
+        chunks, stage_ids, model.cfg, moe_layers, moe_ids, tp_partial, ctx, placement
     )
 
 

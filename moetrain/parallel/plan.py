@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from moetrain.parallel.dims import DENSE_AXES, EXPERT_AXES, ParallelDims
+from moetrain.parallel.placement import ExpertPlacement, experts_share, placement_class
 
 
 def _stage_params(model: torch.nn.Module, layers: range) -> tuple[int, int]:
@@ -20,17 +21,19 @@ def _stage_params(model: torch.nn.Module, layers: range) -> tuple[int, int]:
 
 
 def describe_plan(
-    dims: ParallelDims, model: torch.nn.Module, num_experts: int | None, virtual_stages: int = 1
+    dims: ParallelDims,
+    model: torch.nn.Module,
+    num_experts: int | None,
+    virtual_stages: int = 1,
+    placement: ExpertPlacement | None = None,
 ) -> str:
-    """The plan for ``model`` (build it on the meta device: only shapes are read)."""
+    """The plan for ``model`` (build it on the meta device: only shapes are read) under the
+    expert ``placement`` (default: ``dims.expert_sharding`` with default options)."""
+    placement = placement or placement_class(dims.expert_sharding)()
     num_layers = len(model.layers)  # type: ignore[arg-type]
     ranges = dims.layer_ranges(num_layers, virtual_stages)
-    experts_text = f"ep {dims.ep}, etp {dims.etp}, edp {dims.edp}"
-    if dims.fssdp:
-        experts_text = f"fssdp over the {dims.stage_ranks} ranks of each stage"
     lines = [
-        f"world {dims.world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate} x "
-        f"dp_shard {dims.dp_shard} x tp {dims.tp}; experts: {experts_text}",
+        f"{dims.describe()}; experts: {placement.describe(dims)}",
         f"dense mesh {dict(zip(DENSE_AXES, dims.rank_grid().shape))}",
         f"expert mesh {dict(zip(EXPERT_AXES, dims.expert_grid().shape))}",
         "stages: " + ", ".join(f"{i}: layers {r.start}-{r.stop - 1}" for i, r in enumerate(ranges)),
@@ -44,17 +47,11 @@ def describe_plan(
         for r in mine:
             d, e = _stage_params(model, r)
             dense, expert = dense + d, expert + e
-        # dense weights: split by tp, FSDP-sharded over dp_shard; experts: split over ep and
-        # etp, FSDP-sharded over edp_shard
+        # dense weights: split by tp, FSDP-sharded over dp_shard; experts: as the placement holds
         dense_share = dense // (dims.tp * dims.dp_shard)
-        expert_share = expert // (dims.ep * dims.etp * dims.edp_shard)
-        experts = "-"
-        if num_experts and dims.fssdp:  # 1/N of each expert's F, materialized as routed
-            expert_share = expert // dims.stage_ranks
-            experts = f"all, F/{dims.stage_ranks}"
-        elif num_experts:
-            held = dims.local_experts(c.ep, num_experts)
-            experts = f"{held.start}-{held.stop - 1}"
+        experts, expert_share = "-", expert
+        if num_experts:
+            experts, expert_share = experts_share(dims, expert, c, num_experts)
         layer_text = ",".join(f"{r.start}-{r.stop - 1}" for r in mine)
         lines.append(
             f"{rank:>4} {c.pp:>3} {c.dp_replicate:>4} {c.dp_shard:>4} {c.tp:>3} {c.ep:>3} "
@@ -63,10 +60,6 @@ def describe_plan(
         )
     lines.append(
         "params per rank exclude embeddings and head; shares assume FSDP over dp_shard "
-        + (
-            "(dense); experts: their FSSDP shards"
-            if dims.fssdp
-            else "(dense) and edp_shard (experts)"
-        )
+        f"(dense); {placement.share_note()}"
     )
     return "\n".join(lines)

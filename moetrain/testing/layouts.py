@@ -116,7 +116,7 @@ def train_steps(
             stats, grad_norm, _ = trainer.train_step()
             if trainer.step == checkpoint_at:
                 trainer.save_checkpoint()
-            row = stats.as_dict()
+            row = stats
             out["loss"].append(row["loss"])
             out["grad_norm"].append(grad_norm)
             out["aux_loss"].append(row["aux_loss"])

@@ -74,18 +74,11 @@ def describe(cfg: Config, run_dir: Path, trainer: Trainer) -> str:
     from moetrain.ops import active_backend
 
     d = trainer.ctx.dims
-    p = cfg.parallel
-    a2a = f" ({p.ep_a2a} all-to-all, {p.ep_overlap_chunks} chunk(s))" if d.ep > 1 else ""
-    experts = f"ep {d.ep}{a2a}, etp {d.etp}, edp {d.edp}"
-    if d.fssdp:
-        remat = "rematerialized" if p.fssdp_rematerialize else "kept for backward"
-        experts = f"experts fssdp over {d.stage_ranks} ranks per stage ({remat})"
     return (
         f"moetrain: run dir {run_dir}\n"
         f"  model {trainer.num_params / 1e6:.2f}M params ({trainer.num_active_params / 1e6:.2f}M "
         f"active), {trainer.num_moe_layers} MoE layers; ops backend: {active_backend()}\n"
-        f"  layout: world {d.world_size} = pp {d.pp} x dp_replicate {d.dp_replicate} x dp_shard "
-        f"{d.dp_shard} x tp {d.tp}; {experts}; "
+        f"  layout: {d.describe()}; {trainer.placement.describe(d)}; "
         f"backend {trainer.ctx.backend}\n"
         f"  data {data_summary(trainer.data_meta)}\n"
         f"  {cfg.train.steps} steps x {cfg.train.global_batch_size} seqs x {cfg.train.seq_len} "

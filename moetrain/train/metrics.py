@@ -6,10 +6,8 @@ Every logged step is one JSON object in ``<run.dir>/metrics.jsonl`` with at leas
 share of the step's assignments), ``dead_experts`` (per MoE layer, experts that got no
 assignment in the step), ``router_entropy`` (nats, mean over tokens, layers and micro-batches)
 and, with capacity dropping, ``dropped_frac_by_position`` (8 equal spans of the sequence).
-Under FSSDP (``parallel.expert_sharding=fssdp``) rows also carry, per MoE layer and averaged
-over the step's calls, ``fssdp_replicas`` (ranks that materialized each expert),
-``fssdp_max_over_mean`` (the placement's straggler factor: the busiest rank's rows over the
-mean) and ``fssdp_materialized`` ((expert, rank) materializations per call).
+An expert placement may add its own fields (FSSDP: ``fssdp_replicas``, ``fssdp_max_over_mean``,
+``fssdp_materialized``; see ``moetrain.parallel.fssdp_placement``).
 Evaluation rows carry ``val_loss`` and ``val_bpt`` instead.
 """
 
@@ -17,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +22,6 @@ import torch
 
 from moetrain.moe import MoELayer
 from moetrain.moe.layer import MoEStats
-from moetrain.parallel.fssdp_plan import PlanStats
 
 # bf16 dense peak per GPU, FLOP/s (vendor figures, no sparsity)
 KNOWN_GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -60,9 +56,6 @@ class StepStats:
     entropy_terms: int = 0
     drops_by_position: torch.Tensor | None = None  # summed over layers and micro-batches
     assignments_per_position: int = 0
-    # FSSDP placements, per MoE layer: [replicas per expert (E), max/mean rows, (expert, rank)
-    # materializations, calls], each summed over the step's calls
-    plans: list[torch.Tensor] = field(default_factory=list)
 
     def add_micro_batch(self, loss: torch.Tensor, moe_layers: list[MoELayer]) -> None:
         """One micro-batch's loss and each layer's ``last_stats`` (layer ``i`` of the list)."""
@@ -93,18 +86,6 @@ class StepStats:
             self.load.append(torch.zeros_like(counts))
         self.load[index] = self.load[index] + counts
 
-    def add_plan_stats(self, index: int, plan: PlanStats) -> None:
-        """One FSSDP placement of MoE layer ``index`` (report it from one rank per stage)."""
-        row = torch.cat(
-            [
-                plan.replicas_E.double(),
-                torch.tensor([plan.max_over_mean, plan.materialized, 1.0], dtype=torch.float64),
-            ]
-        )
-        while len(self.plans) <= index:
-            self.plans.append(torch.zeros_like(row))
-        self.plans[index] = self.plans[index] + row
-
     _SCALARS = (
         "loss_sum",
         "micro_batches",
@@ -117,52 +98,43 @@ class StepStats:
         "assignments_per_position",
     )
 
-    def reduced(
-        self,
-        reduce: Callable[[torch.Tensor], torch.Tensor],
-        num_layers: int,
-        num_experts: int,
-        seq_len: int,
-    ) -> StepStats:
-        """The step's statistics summed over ranks by ``reduce`` (an in-place all-reduce of one
-        float64 vector): every count and sum is additive, so the result is the single-process
-        step's. Layers this rank does not hold contribute zeros."""
+    def to_vector(self, num_layers: int, num_experts: int, seq_len: int) -> torch.Tensor:
+        """Every count and sum as one float64 vector of a fixed length (layers this rank does not
+        hold are zeros): summed over ranks, it is the single-process step's."""
         head = [float(getattr(self, k)) for k in self._SCALARS]
-        has_drops = self.drops_by_position is not None
         load = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         for i, counts in enumerate(self.load):
             load[i] = counts.double()
         drops = torch.zeros(seq_len, dtype=torch.float64)
         if self.drops_by_position is not None:
             drops[: self.drops_by_position.numel()] = self.drops_by_position.double()
-        plans = torch.zeros(num_layers, num_experts + 3, dtype=torch.float64)
-        for i, row in enumerate(self.plans):
-            plans[i] = row
-        vec = torch.cat(
-            [
-                torch.tensor([*head, float(has_drops)], dtype=torch.float64),
-                load.flatten(),
-                drops,
-                plans.flatten(),
-            ]
-        )
-        vec = reduce(vec)
-        out = StepStats()
-        for k, v in zip(self._SCALARS, vec[: len(head)].tolist()):
-            setattr(out, k, round(v) if isinstance(getattr(self, k), int) else v)
-        n = len(head) + 1
-        out.load = list(vec[n : n + load.numel()].view(num_layers, num_experts).float())
-        if vec[len(head)] > 0:
-            out.drops_by_position = vec[n + load.numel() : n + load.numel() + seq_len].long()
-        reduced_plans = vec[n + load.numel() + seq_len :].view(num_layers, -1)
-        if reduced_plans[:, -1].sum() > 0:
-            out.plans = list(reduced_plans)
+        has_drops = float(self.drops_by_position is not None)
+        head_vec = torch.tensor([*head, has_drops], dtype=torch.float64)
+        return torch.cat([head_vec, load.flatten(), drops])
+
+    @classmethod
+    def from_vector(
+        cls, vec: torch.Tensor, num_layers: int, num_experts: int, seq_len: int
+    ) -> StepStats:
+        """The inverse of ``to_vector`` (of a sum of them)."""
+        out = cls()
+        n = len(cls._SCALARS)
+        for k, v in zip(cls._SCALARS, vec[:n].tolist()):
+            setattr(out, k, round(v) if isinstance(getattr(out, k), int) else v)
+        load_end = n + 1 + num_layers * num_experts
+        out.load = list(vec[n + 1 : load_end].view(num_layers, num_experts).float())
+        if vec[n] > 0:
+            out.drops_by_position = vec[load_end : load_end + seq_len].long()
         return out
 
     def as_dict(self) -> dict:
-        n = max(self.micro_batches, 1)
+        return {"loss": self.loss_sum / max(self.micro_batches, 1), **self.moe_fields()}
+
+    def moe_fields(self, micro_batches: int | None = None) -> dict:
+        """The MoE fields of a row; losses are means over ``micro_batches`` (default: the ones
+        counted here)."""
+        n = max(self.micro_batches if micro_batches is None else micro_batches, 1)
         return {
-            "loss": self.loss_sum / n,
             "aux_loss": self.aux_loss / n,
             "z_loss": self.z_loss / n,
             "dropped_frac": self.dropped / self.assignments if self.assignments else 0.0,
@@ -170,18 +142,6 @@ class StepStats:
             "dead_experts": [int((c == 0).sum()) for c in self.load],
             "router_entropy": self.entropy / self.entropy_terms if self.entropy_terms else 0.0,
             **self._drops_by_position(),
-            **self._plans(),
-        }
-
-    def _plans(self) -> dict:
-        """FSSDP placement statistics per MoE layer, averaged over the step's calls."""
-        if not self.plans:
-            return {}
-        means = [row / row[-1].clamp(min=1) for row in self.plans]
-        return {
-            "fssdp_replicas": [m[:-3].tolist() for m in means],
-            "fssdp_max_over_mean": [float(m[-3]) for m in means],
-            "fssdp_materialized": [float(m[-2]) for m in means],
         }
 
     def _drops_by_position(self, buckets: int = 8) -> dict:

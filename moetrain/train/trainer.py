@@ -18,6 +18,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,29 +26,28 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from moetrain import checkpoint
-from moetrain.checkpoint.hf import load_hf_weights
-from moetrain.checkpoint.native import load_model_weights, resolve
-from moetrain.checkpoint.safetensors_io import is_hf_dir
 from moetrain.config.schema import Config
-from moetrain.config.validate import ep_options, fssdp_options, parallel_dims
+from moetrain.config.validate import expert_placement, parallel_dims
 from moetrain.data import BatchIterator, ShuffledSampler, build_datasets, build_tokenizer
 from moetrain.models import Transformer
 from moetrain.parallel.context import ParallelContext, close_parallel, init_parallel
-from moetrain.parallel.fssdp import FSSDPDispatcher
-from moetrain.parallel.grads import clip_grad_norm, finish_partial_grads
 from moetrain.parallel.parallelize import parallelize
 from moetrain.parallel.pipeline import build_schedule, pipeline_forward
-from moetrain.parallel.tp import sync_tp_partial_grads
+from moetrain.train.callbacks import (
+    Callback,
+    ExpertLoadHeatmap,
+    MoEStatistics,
+    PlacementStatistics,
+)
 from moetrain.train.lr import build_scheduler, load_scheduler_state, scheduler_state
 from moetrain.train.metrics import (
     MetricsWriter,
-    StepStats,
     bits_per_token,
     console_line,
     peak_flops_per_device,
 )
 from moetrain.train.optim import build_optimizer
-from moetrain.train.tracking import Tracker, save_expert_load_heatmap
+from moetrain.train.tracking import Tracker
 
 
 @dataclass
@@ -59,70 +59,41 @@ class TrainResult:
 
 class Trainer:
     """``Trainer(cfg, run_dir)`` builds data, model, optimizer and schedule for this process's
-    place in the launch (``ctx``; by default joined from the torchrun environment)."""
+    place in the launch (``ctx``; by default joined from the torchrun environment).
+    ``callbacks`` run after the built-in ones (MoE and placement statistics, the expert-load
+    heatmap)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, ctx: ParallelContext | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        ctx: ParallelContext | None = None,
+        callbacks: list[Callback] | None = None,
+    ) -> None:
         self.cfg, self.run_dir = cfg, run_dir
-        t, p = cfg.train, cfg.parallel
+        t = cfg.train
         self.ctx = ctx if ctx is not None else init_parallel(parallel_dims(cfg))
-        dims = self.ctx.dims
         torch.manual_seed(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        train_data, self.val_data, self.data_meta = build_datasets(
-            cfg.data, self.tokenizer, t.seq_len, cfg.model.vocab_size
-        )
-        # every rank draws the same indices; the sampler's position is training state
-        self.train_batches = BatchIterator(
-            train_data,
-            ShuffledSampler(len(train_data), t.seed),
-            t.micro_batch_size,
-            dp_rank=self.ctx.dp_rank,
-            dp_size=dims.dp,
-        )
-        # the full model, initialized identically on every rank, then cut and sharded
-        model = Transformer(cfg.model).to(self.ctx.device)
-        self.num_params, self.num_active_params = model.num_params(), model.num_active_params()
-        self.flops_per_token = model.flops_per_token(t.seq_len)
-        self.pm = parallelize(
-            model,
-            self.ctx,
-            p.activation_checkpointing,
-            p.pp_virtual_stages,
-            ep_options(cfg),
-            fssdp_options(cfg),
-        )
-        self.model = self.pm.module
-        self.moe_layers = self.pm.moe_layers
-        self.num_moe_layers = cfg.model.num_moe_layers
-        self.num_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
-        self.loss_scale = 1.0 / self.num_micro
-        for layer in self.moe_layers:
-            layer.aux_loss_scale = self.loss_scale
-            layer.stats_log = []
-            if self.ctx.distributed and dims.dp > 1:
-                layer.reduce_global_counts = self.ctx.reduce_over_dp
-            if isinstance(layer.dispatcher, FSSDPDispatcher):
-                layer.dispatcher.stats_log = []  # placement statistics, drained every step
-        self.params = self.pm.parameters()
-        self.state_module = self.pm.state_module()
-        if cfg.checkpoint.init_from:  # weights only; a fresh run otherwise
-            init_from = Path(cfg.checkpoint.init_from)
-            if is_hf_dir(init_from):
-                load_hf_weights(init_from, self.state_module, cfg.model)
-            else:
-                load_model_weights(resolve(init_from), self.state_module)
+        self._build_data()
+        self._build_model()
+        self.callbacks: list[Callback] = [
+            MoEStatistics(self.moe_layers, self.pm.moe_ids, cfg.model, t.seq_len),
+            *(PlacementStatistics(s) for s in self.pm.step_statistics()),
+            ExpertLoadHeatmap(run_dir / "expert_load.png", self.ctx.is_logging_rank),
+            *(callbacks or []),
+        ]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.schedule = None
-        if dims.pp > 1:
+        if self.ctx.dims.pp > 1:
             self._pp_losses: list[torch.Tensor] = []
             self.schedule = build_schedule(
                 self.pm,
                 self.ctx,
-                p.pp_schedule,
-                self.num_micro // dims.dp,
+                cfg.parallel.pp_schedule,
+                self.num_micro // self.ctx.dims.dp,
                 self._pp_loss,
                 t.micro_batch_size,
                 t.seq_len,
@@ -138,6 +109,46 @@ class Trainer:
             if t.dtype == "bf16"
             else contextlib.nullcontext()
         )
+
+    def _build_data(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        train_data, self.val_data, self.data_meta = build_datasets(
+            cfg.data, self.tokenizer, t.seq_len, cfg.model.vocab_size
+        )
+        # every rank draws the same indices; the sampler's position is training state
+        self.train_batches = BatchIterator(
+            train_data,
+            ShuffledSampler(len(train_data), t.seed),
+            t.micro_batch_size,
+            dp_rank=self.ctx.dp_rank,
+            dp_size=self.ctx.dims.dp,
+        )
+
+    def _build_model(self) -> None:
+        """The full model, initialized identically on every rank, then cut and sharded by the
+        layout; ``checkpoint.init_from`` weights loaded into this rank's shards."""
+        cfg, t = self.cfg, self.cfg.train
+        model = Transformer(cfg.model).to(self.ctx.device)
+        self.num_params, self.num_active_params = model.num_params(), model.num_active_params()
+        self.flops_per_token = model.flops_per_token(t.seq_len)
+        self.placement = expert_placement(cfg)
+        self.pm = parallelize(
+            model,
+            self.ctx,
+            cfg.parallel.activation_checkpointing,
+            cfg.parallel.pp_virtual_stages,
+            self.placement,
+        )
+        self.model = self.pm.module
+        self.moe_layers = self.pm.moe_layers
+        self.num_moe_layers = cfg.model.num_moe_layers
+        self.num_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
+        self.loss_scale = 1.0 / self.num_micro
+        self.pm.prepare_training(aux_loss_scale=self.loss_scale)
+        self.state_module = self.pm.state_module()
+        if cfg.checkpoint.init_from:  # weights only; a fresh run otherwise
+            checkpoint.load_weights(Path(cfg.checkpoint.init_from), self.state_module, cfg.model)
 
     def run(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
@@ -161,10 +172,10 @@ class Trainer:
             )
         losses: list[float] = []
         val_losses: list[tuple[int, float]] = []
-        load_steps: list[int] = []
-        loads: list[list[list[float]]] = []
         if self.resumed_from is None:
             val_losses.append((0, self._evaluate_and_log(0, writer, tracker)))  # the start point
+        for callback in self.callbacks:
+            callback.pre_train(self)
         bar = tqdm(
             range(self.step + 1, t.steps + 1),
             disable=not (cfg.logging.progress_bar and logging_rank),
@@ -175,23 +186,23 @@ class Trainer:
             start = time.perf_counter()
             stats, grad_norm, lr = self.train_step()
             seconds = time.perf_counter() - start
-            losses.append(stats.loss_sum / stats.micro_batches)
+            losses.append(stats["loss"])
+            row = None
             if step % t.log_interval == 0 or step == t.steps:
                 row = self._log_row(step, stats, grad_norm, lr, seconds)
                 if writer is not None:
                     writer.write(row)
                     bar.write(console_line(row))
                 tracker.log(row, step)
-                load_steps.append(step)
-                loads.append(row["expert_load"])
+            for callback in self.callbacks:
+                callback.post_step(self, step, row)
             if step == t.steps or (t.eval_interval and step % t.eval_interval == 0):
                 val_losses.append((step, self._evaluate_and_log(step, writer, tracker, bar)))
             interval = cfg.checkpoint.interval
             if interval and (step % interval == 0 or step == t.steps):
                 self.save_checkpoint()
-        heatmap = self.run_dir / "expert_load.png"
-        if logging_rank and save_expert_load_heatmap(load_steps, loads, heatmap):
-            tracker.log_image("expert_load_heatmap", heatmap, t.steps)
+        for callback in self.callbacks:
+            callback.post_train(self, tracker)
         if writer is not None:
             writer.close()
         tracker.finish()
@@ -204,20 +215,7 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def _layout(self) -> dict[str, int | str]:
-        d = self.ctx.dims
-        layout: dict[str, int | str] = {
-            "world_size": d.world_size,
-            "pp": d.pp,
-            "dp_replicate": d.dp_replicate,
-            "dp_shard": d.dp_shard,
-            "tp": d.tp,
-            "ep": d.ep,
-            "etp": d.etp,
-            "pp_virtual_stages": self.cfg.parallel.pp_virtual_stages,
-        }
-        if d.fssdp:  # only then: checkpoints of ep layouts keep their layout key as before
-            layout["expert_sharding"] = d.expert_sharding
-        return layout
+        return self.ctx.dims.layout(self.cfg.parallel.pp_virtual_stages)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the state after ``self.step`` steps (every rank calls this)."""
@@ -267,9 +265,10 @@ class Trainer:
         """Leave the process group the trainer joined (no-op in one process)."""
         close_parallel(self.ctx)
 
-    def train_step(self) -> tuple[StepStats, float, float]:
+    def train_step(self) -> tuple[dict[str, Any], float, float]:
         """One optimizer step over this rank's micro-batches of the next global batch.
-        Returns the step's statistics (summed over ranks), the global grad norm and the lr."""
+        Returns the step's statistics (the row fields: ``loss`` and the callbacks', summed over
+        ranks), the global grad norm and the lr."""
         t = self.cfg.train
         batches = [
             (x.to(self.ctx.device), y.to(self.ctx.device))
@@ -286,18 +285,13 @@ class Trainer:
             local_loss, local_micro = float(loss_sum), len(batches)
         else:
             local_loss, local_micro = self._pipeline_step(batches)
-        if self.ctx.dims.tp > 1:
-            sync_tp_partial_grads(self.pm.tp_partial, self.ctx.group("tp"))
-            finish_partial_grads(self.params)
-        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(self.params, max_norm, self.ctx)
+        self.pm.finish_gradients()
+        grad_norm = self.pm.clip_grad_norm(t.grad_clip if t.grad_clip > 0 else math.inf)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reduce_load = self.ctx.reduce_over_dp if self.ctx.distributed else None
-        for layer in self.moe_layers:
-            layer.update_expert_bias(reduce_load)
+        self.pm.update_expert_bias()
         self.step += 1
         return self._step_stats(local_loss, local_micro), grad_norm, lr
 
@@ -321,31 +315,20 @@ class Trainer:
         self._pp_losses.append(loss.detach())
         return loss * self.loss_scale
 
-    def _step_stats(self, loss_sum: float, micro_batches: int) -> StepStats:
-        stats = StepStats()
-        stats.add_losses(loss_sum, micro_batches)
-        # one rank per stage reports the placement plans (every rank of the stage has them)
-        report_plans = self.ctx.dp_rank == 0
-        for layer, index in zip(self.moe_layers, self.pm.moe_ids):
-            assert layer.stats_log is not None
-            for s in layer.stats_log:
-                stats.add_layer_stats(index, s)
-            layer.stats_log.clear()
-            if isinstance(layer.dispatcher, FSSDPDispatcher):
-                plans = layer.dispatcher.stats_log
-                assert plans is not None
-                for plan in plans if report_plans else ():
-                    stats.add_plan_stats(index, plan)
-                plans.clear()
-        if not self.ctx.distributed:
-            return stats
-        E = self.cfg.model.moe.num_experts
-        device = self.ctx.device  # NCCL reduces device tensors only
-
-        def reduce(vec: torch.Tensor) -> torch.Tensor:
-            return self.ctx.reduce_over_stages_and_dp(vec.to(device)).cpu()
-
-        return stats.reduced(reduce, self.num_moe_layers, E, self.cfg.train.seq_len)
+    def _step_stats(self, loss_sum: float, micro_batches: int) -> dict[str, Any]:
+        """The step's row fields: the loss and every callback's statistics, summed over
+        pipeline stages and data-parallel ranks in one all-reduce."""
+        sums = [torch.tensor([loss_sum, micro_batches], dtype=torch.float64)]
+        sums += [c.step_sums() for c in self.callbacks]
+        flat = torch.cat(sums)
+        if self.ctx.distributed:  # NCCL reduces device tensors only
+            flat = self.ctx.reduce_over_stages_and_dp(flat.to(self.ctx.device)).cpu()
+        parts = flat.split([s.numel() for s in sums])
+        total_loss, total_micro = parts[0].tolist()
+        row: dict[str, Any] = {"loss": total_loss / max(total_micro, 1)}
+        for callback, part in zip(self.callbacks, parts[1:]):
+            row.update(callback.step_fields(part, round(total_micro)))
+        return row
 
     def _evaluate_and_log(
         self, step: int, writer: MetricsWriter | None, tracker: Tracker, bar: tqdm | None = None
@@ -392,7 +375,7 @@ class Trainer:
         return float(total) / len(batches)
 
     def _log_row(
-        self, step: int, stats: StepStats, grad_norm: float, lr: float, seconds: float
+        self, step: int, stats: dict[str, Any], grad_norm: float, lr: float, seconds: float
     ) -> dict:
         tokens = self.cfg.train.global_batch_size * self.cfg.train.seq_len
         tokens_per_s = tokens / seconds
@@ -407,7 +390,7 @@ class Trainer:
             if self.peak_flops
             else 0.0,
         }
-        row.update(stats.as_dict())
+        row.update(stats)
         return row
 
     def _write_run_metadata(self) -> None:

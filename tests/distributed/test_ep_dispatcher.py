@@ -7,7 +7,8 @@ import torch
 
 from moetrain.moe import MoEConfig, MoELayer
 from moetrain.moe.experts import GroupedExperts
-from moetrain.parallel.ep import AllToAllDispatcher, chunk_order
+from moetrain.parallel.ep import AllToAllDispatcher
+from moetrain.parallel.ep_comm import segment_order
 from moetrain.testing import run_distributed
 
 E, D, F, T = 8, 16, 32, 12
@@ -89,9 +90,9 @@ def test_all_to_all_dispatcher_equals_single_process(case, world):
     run_distributed(ep_matches, world, case, timeout=90)
 
 
-def test_chunk_order_regroups_by_second_axis():
+def test_segment_order_regroups_by_second_axis():
     # rows stored as source-major chunks: (s0,e0)=1 row, (s0,e1)=2, (s1,e0)=0, (s1,e1)=1
     counts = torch.tensor([[1, 2], [0, 1]])
-    assert chunk_order(counts).tolist() == [0, 1, 2, 3]
+    assert segment_order(counts).tolist() == [0, 1, 2, 3]
     counts = torch.tensor([[2, 1], [1, 2]])  # rows 0-1 (s0,e0), 2 (s0,e1), 3 (s1,e0), 4-5 (s1,e1)
-    assert chunk_order(counts).tolist() == [0, 1, 3, 2, 4, 5]
+    assert segment_order(counts).tolist() == [0, 1, 3, 2, 4, 5]

@@ -23,13 +23,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from moetrain.bench.skew import skewed_topk
+from benchmarks.skew import skewed_topk
 from moetrain.moe import MoEConfig, MoELayer
-from moetrain.moe.router import RouterOutput
+from moetrain.moe.router import Router, RouterOutput
 from moetrain.parallel.fssdp import FSSDPDispatcher, FSSDPOptions, apply_fssdp
 from moetrain.testing import run_distributed
 
@@ -55,11 +54,12 @@ CASES: dict[str, dict[str, Any]] = {
 LAYER_KEYS = ("forced", "forced_experts", "rematerialize", "slack", "empty_rank")
 
 
-class ForcedRouter(nn.Module):
-    """The learned router's scores, with the top-k ids taken from ``ids`` (set per call)."""
+class ForcedRouter(Router):
+    """The learned router's scores, with the top-k ids taken from ``ids`` (set per call); the
+    load hooks stay no-ops (the ids are not the learned router's choice)."""
 
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
+    def __init__(self, inner: Router) -> None:
+        super().__init__(inner.cfg)
         self.inner = inner
         self.ids: torch.Tensor | None = None
 
@@ -317,7 +317,7 @@ def trainer_layout(rank: int, world: int, data_dir: str) -> dict[str, Any]:
                     assert isinstance(state, DTensor) and state.placements == p.placements
                     assert tuple(state.to_local().shape) == local
         layout = trainer._layout()
-        return {"row": stats.as_dict(), "layout": layout, "moe_layers": len(trainer.moe_layers)}
+        return {"row": stats, "layout": layout, "moe_layers": len(trainer.moe_layers)}
 
 
 @pytest.mark.timeout(180)

@@ -46,13 +46,13 @@ def check_groups(rank: int, world_size: int, kwargs: dict) -> None:
     assert len(replicas) == dims.edp
     flat = meshes.experts["dp_replicate", "edp_shard"]._flatten("edp")
     assert group_sum(flat, "edp", rank) == sum(c.rank for c in replicas)
-    if dims.fssdp:  # the FSSDP group: every rank of this pipeline stage, in rank order
-        assert meshes.fssdp is not None
+    if dims.expert_sharding == "fssdp":  # the FSSDP group: a pipeline stage's ranks in order
+        assert meshes.placement is not None
         stage = [c.rank for c in coords if c.pp == me.pp]
-        assert meshes.fssdp["fssdp"].mesh.tolist() == stage
-        assert group_sum(meshes.fssdp, "fssdp", rank) == sum(stage)
-    else:
-        assert meshes.fssdp is None
+        assert meshes.placement["fssdp"].mesh.tolist() == stage
+        assert group_sum(meshes.placement, "fssdp", rank) == sum(stage)
+    else:  # expert parallelism needs no mesh beyond the dense and expert ones
+        assert meshes.placement is None
 
 
 @pytest.mark.timeout(120)

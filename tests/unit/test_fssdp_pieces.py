@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetrain.bench.skew import SKEWS, expert_probs, skewed_topk
+from benchmarks.skew import SKEWS, expert_probs, skewed_topk
 from moetrain.config.schema import Config
-from moetrain.config.validate import ConfigError, fssdp_options, validate
+from moetrain.config.validate import ConfigError, expert_placement, validate
 from moetrain.parallel.dims import LayoutError, ParallelDims
 from moetrain.parallel.fssdp import FSSDPOptions
 from moetrain.parallel.fssdp_comm import ShardLayout
+from moetrain.parallel.fssdp_placement import PlanStatistics
 from moetrain.parallel.fssdp_plan import plan_placement
-from moetrain.train.metrics import StepStats
 
 
 def config(world: int, monkeypatch, **parallel) -> Config:
@@ -57,11 +57,12 @@ def test_valid_fssdp_layouts(monkeypatch):
     ]:
         cfg = config(world, monkeypatch, **parallel)
         validate(cfg)
-        assert fssdp_options(cfg) == FSSDPOptions(
+        assert expert_placement(cfg).fssdp_options() == FSSDPOptions(  # type: ignore[attr-defined]
             cfg.parallel.fssdp_rematerialize, cfg.parallel.fssdp_slack
         )
     dims = ParallelDims(world_size=8, pp=2, dp_replicate=2, expert_sharding="fssdp")
-    assert (dims.stage_ranks, dims.fssdp) == (4, True)
+    assert (dims.stage_ranks, dims.expert_sharding) == (4, "fssdp")
+    assert dims.layout()["expert_sharding"] == "fssdp"  # the checkpoint layout key
     with pytest.raises(ValueError, match="slack"):
         FSSDPOptions(slack=-0.5)
 
@@ -116,16 +117,15 @@ def test_skews():
 def test_plan_statistics_are_logged_per_layer():
     counts = torch.tensor([[6, 2, 2, 0], [6, 2, 2, 0]])
     plan = plan_placement(counts).stats()
-    stats = StepStats()
-    stats.add_plan_stats(1, plan)
-    stats.add_plan_stats(1, plan)
-    row = stats.as_dict()
+    stats = PlanStatistics([], [], num_moe_layers=2, num_experts=4)
+    stats.add(1, plan)
+    stats.add(1, plan)
+    sums = stats.step_sums()
+    row = stats.step_fields(sums)
     assert row["fssdp_replicas"] == [[0.0] * 4, [2.0, 1.0, 1.0, 0.0]]
     assert row["fssdp_max_over_mean"][1] == 1.0 and row["fssdp_materialized"][1] == 4.0
-
-    def identity(v: torch.Tensor) -> torch.Tensor:
-        return v
-
-    reduced = stats.reduced(identity, num_layers=2, num_experts=4, seq_len=8).as_dict()
-    assert reduced["fssdp_replicas"] == row["fssdp_replicas"]
-    assert "fssdp_replicas" not in StepStats().reduced(identity, 2, 4, 8).as_dict()
+    assert stats.step_sums().abs().sum() == 0  # drained: the next step starts empty
+    quiet = PlanStatistics([], [], num_moe_layers=2, num_experts=4, report=False)
+    assert stats.step_fields(quiet.step_sums()) == {}  # no plan: no fields
+    # summed with a rank that does not report (one rank per stage does): the same means
+    assert stats.step_fields(sums + quiet.step_sums()) == row

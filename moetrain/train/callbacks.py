@@ -1,0 +1,112 @@
+"""Trainer callbacks: what a run collects and writes besides the loss, outside the loop.
+
+The loop calls every callback at fixed points (``pre_train``, ``post_step``, ``post_train``) and
+asks each for its step statistics: ``step_sums()`` is a float64 vector of a fixed length that
+adds up over ranks (every rank returns one, zeros for what it does not hold), and
+``step_fields(totals, micro_batches)`` turns the sum over pipeline stages and data-parallel
+ranks into ``metrics.jsonl`` fields. The trainer concatenates every callback's vector with its
+own loss sums and reduces them in one all-reduce per step.
+
+Expert placements contribute their statistics the same way (``ExpertPlacement.step_statistics``
+returns objects with ``step_sums``/``step_fields``), so the loop names no placement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from moetrain.models.config import ModelConfig
+from moetrain.moe import MoELayer
+from moetrain.parallel.placement import StepStatistics
+from moetrain.train.metrics import StepStats
+from moetrain.train.tracking import Tracker, save_expert_load_heatmap
+
+if TYPE_CHECKING:
+    from moetrain.train.trainer import Trainer
+
+
+class Callback:
+    """A trainer hook; every method is optional (the defaults do nothing and log nothing)."""
+
+    def pre_train(self, trainer: Trainer) -> None:
+        """Before the first step of ``run`` (after a resume)."""
+
+    def post_step(self, trainer: Trainer, step: int, row: dict[str, Any] | None) -> None:
+        """After optimizer step ``step``; ``row`` is the logged row on log steps, else None."""
+
+    def post_train(self, trainer: Trainer, tracker: Tracker) -> None:
+        """After the last step (every rank)."""
+
+    def step_sums(self) -> Tensor:
+        """This step's additive statistics on this rank (drained); empty by default."""
+        return torch.zeros(0, dtype=torch.float64)
+
+    def step_fields(self, totals: Tensor, micro_batches: int) -> dict[str, Any]:
+        """Row fields from the sums over ranks of ``step_sums``; ``micro_batches`` is the
+        step's micro-batch count over all data-parallel ranks."""
+        return {}
+
+
+class PlacementStatistics(Callback):
+    """Adapts an expert placement's statistics source to the trainer's hooks."""
+
+    def __init__(self, source: StepStatistics) -> None:
+        self.source = source
+
+    def step_sums(self) -> Tensor:
+        return self.source.step_sums()
+
+    def step_fields(self, totals: Tensor, micro_batches: int) -> dict[str, Any]:
+        return self.source.step_fields(totals)
+
+
+class MoEStatistics(Callback):
+    """Routing statistics of every MoE layer (aux and z-loss, loads, drops, router entropy):
+    each layer logs every training call (``MoELayer.stats_log``); each step drains the logs of
+    this rank's layers (``moe_ids``: their global MoE indices)."""
+
+    def __init__(
+        self, moe_layers: list[MoELayer], moe_ids: list[int], model: ModelConfig, seq_len: int
+    ) -> None:
+        self.layers = list(zip(moe_layers, moe_ids))
+        # sizes from the model, so a rank without MoE layers sends a vector of the same length
+        self.num_layers, self.num_experts = model.num_moe_layers, model.moe.num_experts
+        self.seq_len = seq_len
+        for layer in moe_layers:
+            layer.stats_log = []
+
+    def step_sums(self) -> Tensor:
+        stats = StepStats()
+        for layer, index in self.layers:
+            assert layer.stats_log is not None
+            for s in layer.stats_log:
+                stats.add_layer_stats(index, s)
+            layer.stats_log.clear()
+        return stats.to_vector(self.num_layers, self.num_experts, self.seq_len)
+
+    def step_fields(self, totals: Tensor, micro_batches: int) -> dict[str, Any]:
+        stats = StepStats.from_vector(totals, self.num_layers, self.num_experts, self.seq_len)
+        return stats.moe_fields(micro_batches)
+
+
+class ExpertLoadHeatmap(Callback):
+    """``expert_load.png`` in the run dir (logging rank): each MoE layer's expert shares over the
+    logged steps, also sent to wandb."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.steps: list[int] = []
+        self.loads: list[list[list[float]]] = []
+
+    def post_step(self, trainer: Trainer, step: int, row: dict[str, Any] | None) -> None:
+        if row is not None:
+            self.steps.append(step)
+            self.loads.append(row["expert_load"])
+
+    def post_train(self, trainer: Trainer, tracker: Tracker) -> None:
+        if self.enabled and save_expert_load_heatmap(self.steps, self.loads, self.path):
+            tracker.log_image("expert_load_heatmap", self.path, trainer.cfg.train.steps)
