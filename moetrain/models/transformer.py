@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from moetrain.models.block import TransformerBlock
 from moetrain.models.config import ModelConfig
+from moetrain.models.init import InitSpec, init_module, record_init_specs
 from moetrain.models.norms import RMSNorm
 from moetrain.models.rope import RotaryEmbedding
 from moetrain.moe.layer import MoELayer
@@ -26,10 +27,12 @@ from moetrain.moe.layer import MoELayer
 class Transformer(nn.Module):
     """``model(tokens_BS) -> logits_BSV`` (fp32).
 
-    Construction ends with :meth:`init_weights`, whose draws from torch's global RNG are the only
-    ones construction consumes on CPU: the same ``torch.manual_seed`` gives the same weights,
-    and so does building under ``torch.device("meta")`` (nothing allocated), then
-    ``to_empty(device=...)``, the same seed and :meth:`init_weights`.
+    Construction ends with :meth:`init_weights`, which draws one 62-bit seed from torch's global
+    CPU RNG (the only draw construction consumes: the same ``torch.manual_seed`` gives the same
+    weights, kept in ``init_seed``) and fills every tensor with the layout-invariant scheme of
+    :mod:`moetrain.models.init`. Built under ``torch.device("meta")`` nothing is allocated; after
+    sharding, ``init_module(shards, model.init_specs(), model.init_seed)`` gives each rank its
+    part of the very same weights.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -56,9 +59,21 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialize every parameter, in a fixed order, from torch's global RNG.
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialize every parameter and buffer from ``seed`` (default: one draw from
+        torch's global CPU RNG), block by block (:mod:`moetrain.models.init`)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+        self.init_seed = seed
+        init_module(self, self.init_specs(), seed)
+
+    def init_specs(self) -> dict[str, InitSpec]:
+        """What :meth:`init_weights` gives each parameter and buffer, by name (recorded from
+        the modules' own initialization code, nothing touched)."""
+        return record_init_specs(self, self._reset_parameters)
+
+    def _reset_parameters(self) -> None:
+        """The distributions (recorded by :meth:`init_specs`, never drawn directly).
 
         Embeddings and input projections ~ N(0, init_std); the output projections of attention
         and of the MLPs/experts (``wo``, ``w2``) ~ N(0, init_std / sqrt(2 * num_layers)) (GPT-2's

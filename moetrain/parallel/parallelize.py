@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from moetrain.models.block import TransformerBlock
 from moetrain.models.config import ModelConfig
+from moetrain.models.init import InitSpec, init_module
 from moetrain.models.transformer import Transformer
 from moetrain.moe.experts import EXPERT_F_DIM, GroupedExperts
 from moetrain.moe.layer import MoELayer
@@ -118,6 +119,18 @@ class ParallelModel:
     tp_partial: list[ParamRef] = field(default_factory=list)
     ctx: ParallelContext = field(default_factory=single_process_context)
     placement: ExpertPlacement | None = None
+
+    def materialize(self, specs: dict[str, InitSpec], seed: int) -> None:
+        """Allocate this rank's shards on the context's device (the model was built and
+        parallelized on the meta device) and initialize them with the layout-invariant scheme
+        (``specs`` and ``seed`` from the meta model: ``init_specs()``, ``init_seed``): every rank
+        generates only what it holds, and the weights equal the single-process model's."""
+        for chunk in self.chunks:
+            chunk.to_empty(device=self.ctx.device)
+        state = self.state_module()
+        if self.cfg.tie_embeddings:  # to_empty replaces parameters one by one: tie again
+            state.output.weight = state.tok_embeddings.weight  # type: ignore[union-attr]
+        init_module(state, specs, seed)
 
     def prepare_training(self, aux_loss_scale: float) -> None:
         """Every MoE layer scales its aux-loss gradients by ``aux_loss_scale`` (1 / micro-batches

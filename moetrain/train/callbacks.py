@@ -22,6 +22,7 @@ from torch import Tensor
 from moetrain.models.config import ModelConfig
 from moetrain.moe import MoELayer
 from moetrain.parallel.placement import StepStatistics
+from moetrain.train.memory import peak_memory
 from moetrain.train.metrics import StepStats
 from moetrain.train.tracking import Tracker, save_expert_load_heatmap
 
@@ -40,6 +41,11 @@ class Callback:
 
     def post_train(self, trainer: Trainer, tracker: Tracker) -> None:
         """After the last step (every rank)."""
+
+    def log_fields(self, trainer: Trainer) -> dict[str, Any]:
+        """Fields for a logged row, asked on every rank at each log step (collectives
+        allowed: every rank calls it at the same point)."""
+        return {}
 
     def step_sums(self) -> Tensor:
         """This step's additive statistics on this rank (drained); empty by default."""
@@ -91,6 +97,14 @@ class MoEStatistics(Callback):
     def step_fields(self, totals: Tensor, micro_batches: int) -> dict[str, Any]:
         stats = StepStats.from_vector(totals, self.num_layers, self.num_experts, self.seq_len)
         return stats.moe_fields(micro_batches)
+
+
+class MemoryStatistics(Callback):
+    """Peak memory (``mem/peak_rss_gb``, ``mem/peak_rss_rank``; on CUDA ``mem/peak_allocated_gb``,
+    ``mem/peak_reserved_gb``): the largest over the launch's ranks, on every logged row."""
+
+    def log_fields(self, trainer: Trainer) -> dict[str, Any]:
+        return peak_memory(trainer.ctx)
 
 
 class ExpertLoadHeatmap(Callback):

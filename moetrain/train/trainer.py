@@ -36,10 +36,12 @@ from moetrain.parallel.pipeline import build_schedule, pipeline_forward
 from moetrain.train.callbacks import (
     Callback,
     ExpertLoadHeatmap,
+    MemoryStatistics,
     MoEStatistics,
     PlacementStatistics,
 )
 from moetrain.train.lr import build_scheduler, load_scheduler_state, scheduler_state
+from moetrain.train.memory import peak_memory
 from moetrain.train.metrics import (
     MetricsWriter,
     bits_per_token,
@@ -82,6 +84,7 @@ class Trainer:
             MoEStatistics(self.moe_layers, self.pm.moe_ids, cfg.model, t.seq_len),
             *(PlacementStatistics(s) for s in self.pm.step_statistics()),
             ExpertLoadHeatmap(run_dir / "expert_load.png", self.ctx.is_logging_rank),
+            MemoryStatistics(),
             *(callbacks or []),
         ]
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -109,6 +112,7 @@ class Trainer:
             if t.dtype == "bf16"
             else contextlib.nullcontext()
         )
+        self.setup_memory = peak_memory(self.ctx)  # collective: the set-up peak over ranks
 
     def _build_data(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -126,10 +130,14 @@ class Trainer:
         )
 
     def _build_model(self) -> None:
-        """The full model, initialized identically on every rank, then cut and sharded by the
-        layout; ``checkpoint.init_from`` weights loaded into this rank's shards."""
+        """The model is built on the meta device, cut and sharded by the layout, and only then
+        does this rank allocate and initialize its own shards (``ParallelModel.materialize``:
+        the weights equal the single-process model's whatever the layout); then
+        ``checkpoint.init_from`` weights are read into them."""
         cfg, t = self.cfg, self.cfg.train
-        model = Transformer(cfg.model).to(self.ctx.device)
+        with torch.device("meta"):
+            model = Transformer(cfg.model)  # draws its init seed from the global RNG
+        specs, seed = model.init_specs(), model.init_seed
         self.num_params, self.num_active_params = model.num_params(), model.num_active_params()
         self.flops_per_token = model.flops_per_token(t.seq_len)
         self.placement = expert_placement(cfg)
@@ -140,6 +148,7 @@ class Trainer:
             cfg.parallel.pp_virtual_stages,
             self.placement,
         )
+        self.pm.materialize(specs, seed)
         self.model = self.pm.module
         self.moe_layers = self.pm.moe_layers
         self.num_moe_layers = cfg.model.num_moe_layers
@@ -391,6 +400,8 @@ class Trainer:
             else 0.0,
         }
         row.update(stats)
+        for callback in self.callbacks:
+            row.update(callback.log_fields(self))
         return row
 
     def _write_run_metadata(self) -> None:
@@ -404,5 +415,6 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "peak_flops_per_device": self.peak_flops,
             "peak_flops_source": self.peak_source,
+            "setup_memory": self.setup_memory,
         }
         (self.run_dir / "run_meta.json").write_text(json.dumps(meta, indent=2, default=str))
