@@ -9,6 +9,10 @@ writes a weights-only native checkpoint for ``checkpoint.init_from`` and ``moetr
 ``--verify`` reloads DST and compares its logits with the source's on a fixed input (and, for
 ``hf``, those of ``transformers``' own model); on a mismatch DST is removed and the exit status
 is 1. Errors a user can cause print one line and exit with status 2.
+
+Memory: one model at a time. The source is read tensor by tensor into the model (a hub
+directory) or chunk by chunk (a native checkpoint), written out the same way, and freed before
+``--verify`` loads what was written.
 """
 
 from __future__ import annotations
@@ -54,29 +58,52 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def verify(model: Transformer, dst: Path, fmt: str) -> list[str]:
-    """Problems found comparing ``model`` with what was written at ``dst`` (empty: it matches).
-    Prints each comparison."""
+def source_logits(model: Transformer) -> torch.Tensor:
+    """The source model's logits on :func:`verification_input` (what ``--verify`` compares)."""
     cfg = model.cfg
-    tokens = verification_input(cfg.vocab_size, cfg.max_seq_len)
     with torch.no_grad():
-        want = model(tokens)
+        return model(verification_input(cfg.vocab_size, cfg.max_seq_len))
+
+
+def verify(want: torch.Tensor, dst: Path, fmt: str) -> list[str]:
+    """Problems found comparing the source's logits ``want`` (:func:`source_logits`) with those
+    of what was written at ``dst`` (empty: it matches). One model in memory at a time: the
+    reload, then (``hf``) transformers' model. Prints each comparison."""
+    checks: dict[str, float] = {}
+    with torch.no_grad():
         reloaded = load_model(dst)
-        checks = {"moetrain reload": reloaded(tokens)}
+        tokens = verification_input(reloaded.cfg.vocab_size, reloaded.cfg.max_seq_len)
+        checks["moetrain reload"] = _max_diff(reloaded(tokens), want)
+        del reloaded
         if fmt == "hf":
             import transformers
 
             theirs = transformers.AutoModelForCausalLM.from_pretrained(
                 dst, attn_implementation="eager", dtype=torch.float32
             ).eval()
-            checks["transformers"] = theirs(input_ids=tokens).logits
+            checks["transformers"] = _max_diff(theirs(input_ids=tokens).logits, want)
     problems = []
-    for name, got in checks.items():
-        diff = _max_diff(got, want)
+    for name, diff in checks.items():
         print(f"verify: {name}: max |logit difference| = {diff:.3g} (tolerance {VERIFY_ATOL})")
         if not diff <= VERIFY_ATOL:
             problems.append(f"{name} logits differ by {diff:.3g}")
     return problems
+
+
+def _write(src: Path, dst: Path, args: argparse.Namespace) -> torch.Tensor | None:
+    """Convert ``src`` into ``dst``; the source's logits when ``--verify`` asks for them. The
+    source model is read in tensor by tensor and written out tensor by tensor (``hf``) or chunk
+    by chunk (``native``), and freed on return: a conversion holds one model."""
+    model = load_model(src)
+    want = source_logits(model) if args.verify else None
+    if args.format == "hf":
+        arch = args.arch or arch_of(model.cfg)
+        save_hf(model, dst, arch, max_shard_bytes=int(args.max_shard_size * 2**30))
+        print(f"wrote {dst} ({arch}, Hugging Face hub layout)")
+    else:
+        save_model(model, dst)
+        print(f"wrote {dst} (native, weights only)")
+    return want
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -87,16 +114,9 @@ def convert(args: argparse.Namespace) -> int:
         raise CheckpointError(f"--to: {dst} exists and is not empty; give a new directory")
     if args.arch and args.format != "hf":
         raise CheckpointError("--arch applies to --format hf only")
-    model = load_model(src)
-    if args.format == "hf":
-        arch = args.arch or arch_of(model.cfg)
-        save_hf(model, dst, arch, max_shard_bytes=int(args.max_shard_size * 2**30))
-        print(f"wrote {dst} ({arch}, Hugging Face hub layout)")
-    else:
-        save_model(model, dst)
-        print(f"wrote {dst} (native, weights only)")
-    if args.verify:
-        problems = verify(model, dst, args.format)
+    want = _write(src, dst, args)
+    if want is not None:
+        problems = verify(want, dst, args.format)
         if problems:
             shutil.rmtree(dst)
             print(

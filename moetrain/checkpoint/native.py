@@ -14,7 +14,11 @@ Atomicity: every rank writes under ``checkpoints/.tmp-<step>/``; after a barrier
 checksums, renames the directory to ``<step>`` and then replaces the ``latest`` pointer (a file
 holding the step's directory name). A directory without checksums, or whose files do not match
 them, is incomplete or corrupt: :func:`find_latest` skips it with a warning naming it. Each
-checkpoint's checksums are verified once per process (see :func:`_require_intact`).
+checkpoint's files are hashed once per process, shared out over the ranks
+(:mod:`moetrain.checkpoint.checksums`): :func:`find_latest`, :func:`load`,
+:func:`read_train_state` and :func:`load_model_weights` are collective when a process group is
+up. Loads read only the stored chunks that overlap this rank's shards (counted in
+:func:`~moetrain.checkpoint.io_stats.bytes_read`).
 Native checkpoints use torch's distributed-checkpoint metadata (pickled): load only those you
 trust.
 """
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -37,6 +40,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -44,14 +50,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.futures import Future
 
 from moetrain.checkpoint.atomic import TMP_PREFIX, atomic_dir, fsync_dir, write_text_files
+from moetrain.checkpoint.build import empty_model
+from moetrain.checkpoint.checksums import CHECKSUMS, checksums, verify
 from moetrain.checkpoint.errors import CheckpointError
+from moetrain.checkpoint.io_stats import add_bytes_read
 
 if TYPE_CHECKING:
     from moetrain.models import Transformer
 
-CHECKSUMS = "checksums.json"
 TRAIN_STATE = "train_state.json"
 LATEST = "latest"
 
@@ -78,18 +87,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
@@ -98,6 +95,31 @@ def _write_json(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class _CountingReader(FileSystemReader):
+    """torch's file-system reader that adds what it reads to
+    :func:`~moetrain.checkpoint.io_stats.bytes_read`: the byte range of every stored chunk a
+    load plan asks for (DCP reads whole chunks, so a chunk saved at another layout counts whole
+    when this rank needs any of it) and the ``.metadata`` file where it is read."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = super().read_metadata(*args, **kwargs)
+        file = Path(self.path) / ".metadata"
+        if file.is_file():  # per-rank metadata files (modes moetrain does not use): not counted
+            add_bytes_read(file.stat().st_size)
+        return metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        add_bytes_read(sum(self.storage_data[item.storage_index].length for item in plan.items))
+        return super().read_data(plan, planner)
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    """Load ``state`` in place from checkpoint ``path``. ``state`` holds this rank's shards
+    (DTensors; the default, non-full state dicts), so each rank reads only the stored chunks that
+    overlap what it holds."""
+    dcp.load(state, storage_reader=_CountingReader(path))
 
 
 # --- RNG states as JSON ----------------------------------------------------------------------
@@ -164,8 +186,7 @@ def save(
     _barrier()
     if _rank() == 0:
         _write_json(tmp / TRAIN_STATE, train_state)
-        sums = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
-        _write_json(tmp / CHECKSUMS, sums)
+        _write_json(tmp / CHECKSUMS, checksums(tmp))
         if final.exists():  # the same step saved again (a restart): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -188,24 +209,6 @@ def _prune(checkpoints_dir: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def verify(path: Path) -> str | None:
-    """Why checkpoint directory ``path`` cannot be loaded (None when it is complete and intact)."""
-    sums_path = path / CHECKSUMS
-    if not sums_path.is_file():
-        return f"{path}: incomplete (no {CHECKSUMS}; the save did not finish)"
-    try:
-        sums = json.loads(sums_path.read_text())
-    except json.JSONDecodeError:
-        return f"{sums_path}: unreadable"
-    for name, digest in sums.items():
-        file = path / name
-        if not file.is_file():
-            return f"{file}: missing"
-        if _sha256(file) != digest:
-            return f"{file}: checksum mismatch (truncated or corrupted)"
-    return None
-
-
 # Checkpoints this process has verified, keyed by their checksum file's identity (a checkpoint
 # saved again under the same name is verified afresh). A resume reads one checkpoint through
 # find_latest, read_train_state and load on every rank; hashing it each time tripled its cost.
@@ -221,11 +224,11 @@ def _identity(path: Path) -> tuple[str, int, int] | None:
 
 
 def _verify_once(path: Path) -> str | None:
-    """:func:`verify`, skipped for a checkpoint this process has already found intact."""
+    """:func:`~moetrain.checkpoint.checksums.verify`, without hashing again on a rank that has
+    already found this checkpoint intact. Still one all-reduce with a process group: whether a
+    rank hashes is its own business, the verdict is collective (no rank may skip the call)."""
     key = _identity(path)
-    if key is not None and key in _verified:
-        return None
-    why = verify(path)
+    why = verify(path, hash_files=key is None or key not in _verified)
     if why is None and key is not None:
         _verified.add(key)
     return why
@@ -241,7 +244,8 @@ def _require_intact(path: Path, setting: str) -> None:
 
 def find_latest(checkpoints_dir: Path) -> Path | None:
     """The newest complete, intact checkpoint under ``checkpoints_dir`` (others are skipped with
-    a warning naming them)."""
+    a warning naming them). Collective with a process group: every rank calls it and gets the
+    same answer."""
     if not checkpoints_dir.is_dir():
         return None
     steps = sorted(
@@ -270,7 +274,7 @@ def load(
             "written by moetrain-convert); start from it with checkpoint.init_from instead"
         )
     state, param_groups = app_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    _dcp_load(state, path)
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -290,9 +294,9 @@ def read_train_state(path: Path) -> dict[str, Any]:
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """``checkpoint.init_from`` for a native checkpoint: model weights only, any layout."""
     _require_intact(path, "checkpoint.init_from")
-    state = {"model": get_model_state_dict(model, options=StateDictOptions())}
+    state = {"model": get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))}
     with _single_process_ok():
-        dcp.load(state, checkpoint_id=str(path))
+        _dcp_load(state, path)
     set_model_state_dict(model, state["model"])
 
 
@@ -314,13 +318,13 @@ def load_native_model(path: str | os.PathLike) -> Transformer:
     group needed. Hub directories: :func:`moetrain.checkpoint.source.load_model`."""
     from omegaconf import OmegaConf
 
-    from moetrain.models import ModelConfig, Transformer
+    from moetrain.models import ModelConfig
 
     ckpt = resolve(path)
     state = read_train_state(ckpt)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), state["config"]["model"])
-    model = Transformer(OmegaConf.to_object(model_cfg))  # type: ignore[arg-type]
-    load_model_weights(ckpt, model)
+    model = empty_model(OmegaConf.to_object(model_cfg))  # type: ignore[arg-type]
+    load_model_weights(ckpt, model)  # every saved tensor: the checkpoint fills it all
     return model.eval()
 
 
@@ -337,5 +341,5 @@ def save_model(
         cfg = dataclasses.asdict(model.cfg)
         _write_json(tmp / TRAIN_STATE, {"step": 0, "weights_only": True, "config": {"model": cfg}})
         write_text_files(tmp, extra_files)
-        _write_json(tmp / CHECKSUMS, {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)})
+        _write_json(tmp / CHECKSUMS, checksums(tmp))
     return Path(path)

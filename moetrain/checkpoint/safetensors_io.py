@@ -1,27 +1,27 @@
 """Hugging Face hub directories: safetensors weights (one file, or shards with an index) and
 ``config.json``.
 
-Weights from outside are read only through safetensors (no pickle). A truncated or corrupted file
-fails with a :class:`~moetrain.checkpoint.errors.CheckpointError` naming the file. Writing is
-atomic (:func:`~moetrain.checkpoint.atomic.atomic_dir`): an interrupted export never leaves a
-directory that looks loadable.
+Weights from outside are read only as safetensors (a JSON header and raw bytes: no pickle), one
+region at a time (:class:`HubReader`). A truncated or corrupted file fails with a
+:class:`~moetrain.checkpoint.errors.CheckpointError` naming the file. Writing streams tensor by
+tensor and is atomic (:func:`~moetrain.checkpoint.atomic.atomic_dir`): an interrupted export
+never leaves a directory that looks loadable.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from moetrain.checkpoint.atomic import atomic_dir, write_text_files
 from moetrain.checkpoint.errors import CheckpointError
+from moetrain.checkpoint.safetensors_file import SafetensorsFile, Selector, write_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -65,24 +65,60 @@ def _weight_files(root: Path) -> dict[str, list[str]]:
     raise CheckpointError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
-def read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Every tensor of a hub directory, by name (its stored dtype)."""
-    root = Path(path)
-    out: dict[str, Tensor] = {}
-    for file, names in _weight_files(root).items():
-        full = root / file
+class HubReader:
+    """The safetensors files of a hub directory, open for region reads (a context manager).
+    Opening reads every file's header only: the tensor names, shapes and dtypes the import
+    checks need. Tensor data is read on demand, one region at a time (see
+    :class:`~moetrain.checkpoint.safetensors_file.SafetensorsFile`)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        root = Path(path)
+        self._files: list[SafetensorsFile] = []
+        self._where: dict[str, SafetensorsFile] = {}
+        try:
+            for file, names in _weight_files(root).items():
+                self._open(root / file, names)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, full: Path, names: list[str]) -> None:
         if not full.is_file():
             raise CheckpointError(f"{full}: listed in {INDEX_FILE} but missing")
-        try:
-            with safe_open(str(full), framework="pt") as handle:
-                keys = names or list(handle.keys())
-                for name in keys:
-                    out[name] = handle.get_tensor(name)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(
-                f"{full}: not a readable safetensors file, truncated or corrupted? ({err})"
-            ) from err
-    return out
+        handle = SafetensorsFile(full)
+        self._files.append(handle)
+        for name in names or handle.entries:
+            if name not in handle.entries:
+                raise CheckpointError(
+                    f"{full}: has no tensor {name!r}, which {INDEX_FILE} places there"
+                )
+            self._where[name] = handle
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's name and shape (from the headers)."""
+        return {name: f.entries[name].shape for name, f in self._where.items()}
+
+    def read(self, name: str, index: Sequence[Selector] | None = None) -> Tensor:
+        """The region ``index`` selects of tensor ``name`` (None: all of it), in its stored
+        dtype; see :meth:`SafetensorsFile.read`."""
+        return self._where[name].read(name, index)
+
+    def close(self) -> None:
+        for handle in self._files:
+            handle.close()
+
+    def __enter__(self) -> HubReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Every tensor of a hub directory, by name (its stored dtype). Holds them all: model
+    loading reads region by region through :class:`HubReader` instead."""
+    with HubReader(path) as reader:
+        return {name: reader.read(name) for name in reader.shapes()}
 
 
 def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[list[str]]:
@@ -119,12 +155,8 @@ def write_hub_dir(
                 if len(groups) == 1
                 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
             )
-            # safetensors stores contiguous, unshared storage: clone views and tied tensors
-            save_file(
-                {n: tensors[n].detach().contiguous().clone() for n in names},
-                str(tmp / file),
-                metadata={"format": "pt"},
-            )
+            # tensor by tensor: views (split experts) are written without a copy
+            write_file(tmp / file, {n: tensors[n] for n in names}, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(names, file))
         if len(groups) > 1:
             total = sum(t.numel() * t.element_size() for t in tensors.values())

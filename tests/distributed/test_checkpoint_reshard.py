@@ -104,10 +104,31 @@ def test_load_model_from_a_4_rank_checkpoint(data_dir, tmp_path):
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
+def init_from_rank(rank: int, world: int, data_dir: str, overrides: list[str]) -> dict:
+    """Two steps of a run started from ``checkpoint.init_from``, with the checkpoint bytes this
+    rank read and its share: the bytes of the hub's (fp32) tensors it holds."""
+    from torch.distributed.tensor import DTensor
+
+    from moetrain.checkpoint import bytes_read
+
+    seen: dict = {}
+
+    def prepare(trainer) -> None:  # the weights were read while the trainer was built
+        tensors = {id(t): t for t in trainer.state_module.state_dict(keep_vars=True).values()}
+        seen["share"] = sum(
+            (t.to_local() if isinstance(t, DTensor) else t).numel() * 4 for t in tensors.values()
+        )
+        seen["read"] = bytes_read()  # a fresh process: everything it has read
+
+    out = train_steps(data_dir, overrides, 2, prepare=prepare)
+    return {"loss": out["loss"], **seen}
+
+
 @pytest.mark.timeout(400)
 def test_init_from_hugging_face_at_any_layout(data_dir, tmp_path):
     """checkpoint.init_from=<HF dir> at ep2 on 4 ranks and at pp2 x tp2 trains exactly as one
-    process started from the same weights in a native checkpoint."""
+    process started from the same weights in a native checkpoint, each rank reading only the
+    parts of the hub tensors it holds (plus the safetensors header)."""
     import torch
 
     from moetrain.checkpoint.hf import save_hf
@@ -125,8 +146,13 @@ def test_init_from_hugging_face_at_any_layout(data_dir, tmp_path):
     ref = run(1, data_dir, [*qwen3, f"checkpoint.init_from={tmp_path / 'native'}"], 2, None)
     fresh = run(1, data_dir, qwen3, 1, None)
     assert abs(fresh["loss"][0] - ref["loss"][0]) > 0.5
+    hub_file = tmp_path / "hf" / "model.safetensors"
+    header = 8 + int.from_bytes(hub_file.read_bytes()[:8], "little")
     for world, layout in ((4, ["parallel.ep=2"]), (4, ["parallel.pp=2", "parallel.tp=2"])):
-        got = run(
-            world, data_dir, [*qwen3, *layout, f"checkpoint.init_from={tmp_path / 'hf'}"], 2, None
-        )
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), layout
+        overrides = [*qwen3, *layout, f"checkpoint.init_from={tmp_path / 'hf'}"]
+        ranks = run_distributed(init_from_rank, world, data_dir, overrides, timeout=200)
+        assert ranks[0]["loss"] == pytest.approx(ref["loss"], rel=1e-5), layout
+        for rank, got in enumerate(ranks):
+            # never more than what it holds (expert-bias buffers are not stored: not read)
+            assert 0.9 * got["share"] < got["read"] - header <= got["share"], (layout, rank, got)
+            assert got["read"] < 0.75 * hub_file.stat().st_size, (layout, rank, got)

@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
 
+from moetrain.checkpoint.build import empty_model
 from moetrain.checkpoint.errors import CheckpointError
 from moetrain.checkpoint.hf.registry import config_from_hf, config_to_hf
-from moetrain.checkpoint.hf.weights import state_from_hf, state_to_hf
+from moetrain.checkpoint.hf.stream import fill_from_hub
+from moetrain.checkpoint.hf.weights import import_plan, state_to_hf
 from moetrain.checkpoint.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
+    HubReader,
     read_config,
-    read_tensors,
     write_hub_dir,
 )
 from moetrain.models.config import ModelConfig
@@ -28,16 +29,13 @@ if TYPE_CHECKING:
 
 
 def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Transformer:
-    """An eval-ready :class:`moetrain.models.Transformer` from a hub directory."""
-    from moetrain.models import Transformer
-
+    """An eval-ready :class:`moetrain.models.Transformer` from a hub directory, filled tensor by
+    tensor (the model plus one tensor in memory at a time)."""
     arch, cfg = config_from_hf(read_config(path))
-    state = state_from_hf(read_tensors(path), cfg, arch.name, dtype)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+    with HubReader(path) as reader:
+        plan = import_plan(reader.shapes(), cfg, arch.name)  # checks names and shapes first
+        model = empty_model(cfg)
+        fill_from_hub(model, reader, plan)
     return model.to(dtype).eval()
 
 
@@ -78,7 +76,9 @@ def _init_mismatch(run: ModelConfig, hub: ModelConfig) -> list[str]:
 def load_hf_weights(path: str | os.PathLike, model: torch.nn.Module, cfg: ModelConfig) -> None:
     """``checkpoint.init_from`` for a hub directory: its weights into ``model`` — a model of
     ``cfg`` at any layout (FSDP/EP/TP shards, or one pipeline stage's layers under the full
-    model's names); ``cfg`` must describe the same network as the hub's ``config.json``."""
+    model's names); ``cfg`` must describe the same network as the hub's ``config.json``. Each
+    process reads only the regions of the hub tensors that its parameters hold (plus every
+    file's header); see :mod:`moetrain.checkpoint.hf.stream`."""
     arch, hub_cfg = config_from_hf(read_config(path))
     bad = _init_mismatch(cfg, hub_cfg)
     if bad:
@@ -87,25 +87,8 @@ def load_hf_weights(path: str | os.PathLike, model: torch.nn.Module, cfg: ModelC
             + "; ".join(bad)
             + " (set model.* to match, e.g. start from the config moetrain-convert prints)"
         )
-    state = state_from_hf(read_tensors(path), cfg, arch.name)
-    _copy_into(model, state)
-
-
-def _copy_into(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Full tensors into a model whose parameters may be DTensor shards."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        for name, target in model.state_dict(keep_vars=True).items():
-            full = state[name].to(dtype=target.dtype)
-            if isinstance(target, DTensor):
-                local = distribute_tensor(
-                    full.to(target.device), target.device_mesh, target.placements,
-                    src_data_rank=None,
-                ).to_local()  # fmt: skip
-                target.to_local().copy_(local)
-            else:
-                target.copy_(full)
+    with HubReader(path) as reader:
+        fill_from_hub(model, reader, import_plan(reader.shapes(), cfg, arch.name))
 
 
 def save_hf(
@@ -115,7 +98,8 @@ def save_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     extra_files: Mapping[str, str] | None = None,
 ) -> Path:
-    """Export a single-process moetrain model as a hub directory of ``arch_name``."""
+    """Export a single-process moetrain model as a hub directory of ``arch_name``, written
+    tensor by tensor from the model's own storage (split experts are views: no second copy)."""
     cfg = model.cfg
     state = model.state_dict()
     dtype = next(iter(state.values())).dtype

@@ -50,27 +50,28 @@ _SHARED = {"w1_HD": "gate_proj.weight", "w3_HD": "up_proj.weight", "w2_DH": "dow
 _EXPERTS = ("w1_EFD", "w3_EFD", "w2_EDF")
 
 
-@dataclass
-class _Rule:
-    """One moetrain tensor <- HF tensor(s): one name, or a stack of per-expert names."""
+@dataclass(frozen=True)
+class Rule:
+    """One moetrain tensor <- hub tensor(s): one name of the same shape and layout, or (stacked)
+    one name per expert, expert ``e`` being slice ``e`` of dim 0; no transposes."""
 
     ours: str
     theirs: list[str]
     stacked: bool = False
 
 
-def _rules(cfg: ModelConfig, arch: HFAdapter, names: list[str]) -> list[_Rule]:
+def _rules(cfg: ModelConfig, arch: HFAdapter, names: list[str]) -> list[Rule]:
     """The mapping for every name of a moetrain state dict (``names``)."""
-    rules: list[_Rule] = []
+    rules: list[Rule] = []
     attn = _MLA if cfg.attention == "mla" else _ATTN
     for name in names:
         if name == "tok_embeddings.weight":
-            rules.append(_Rule(name, ["model.embed_tokens.weight"]))
+            rules.append(Rule(name, ["model.embed_tokens.weight"]))
         elif name == "norm.weight":
-            rules.append(_Rule(name, ["model.norm.weight"]))
+            rules.append(Rule(name, ["model.norm.weight"]))
         elif name == "output.weight":
             if not cfg.tie_embeddings:
-                rules.append(_Rule(name, ["lm_head.weight"]))
+                rules.append(Rule(name, ["lm_head.weight"]))
         else:
             match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
             if match is None:
@@ -81,7 +82,7 @@ def _rules(cfg: ModelConfig, arch: HFAdapter, names: list[str]) -> list[_Rule]:
             if rule is None:
                 raise CheckpointError(f"no {arch.name} name for moetrain tensor {name!r}")
             if rule:
-                rules.append(_Rule(name, rule[0], rule[1]))
+                rules.append(Rule(name, rule[0], rule[1]))
     return rules
 
 
@@ -146,50 +147,69 @@ def state_to_hf(state: Mapping[str, Tensor], cfg: ModelConfig, arch_name: str) -
     return out
 
 
+def import_plan(
+    hub_shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, arch_name: str
+) -> dict[str, Rule | None]:
+    """Which hub tensor(s) of ``arch_name`` fill each tensor of a moetrain model of ``cfg``, by
+    moetrain name, checked from the hub's tensor names and shapes alone (no data): every needed
+    tensor present with the shape ``cfg`` implies and none left unused, or a
+    :class:`CheckpointError` naming the first problem. None: a buffer the architecture does not
+    store (it starts at zero); with tied embeddings ``output.weight`` reads the embedding."""
+    arch = get_arch(arch_name)
+    reference = {name: tuple(t.shape) for name, t in _reference_state(cfg).items()}
+    plan: dict[str, Rule | None] = dict.fromkeys(reference)
+    used: set[str] = set()
+    for rule in _rules(cfg, arch, list(reference)):
+        missing = [n for n in rule.theirs if n not in hub_shapes]
+        if missing:
+            raise CheckpointError(
+                f"the {arch.name} checkpoint has no tensor {missing[0]!r} (needed for "
+                f"moetrain's {rule.ours}); is config.json the one these weights were saved with?"
+            )
+        want = reference[rule.ours]
+        part = want[1:] if rule.stacked else want  # one expert's slice of a stacked tensor
+        for name in rule.theirs:
+            if tuple(hub_shapes[name]) != part:
+                raise CheckpointError(
+                    f"{name}: shape {tuple(hub_shapes[name])} but config.json implies "
+                    f"{part} for moetrain's {rule.ours}" + (" (one expert)" if rule.stacked else "")
+                )
+        plan[rule.ours] = rule
+        used.update(rule.theirs)
+    if cfg.tie_embeddings and "output.weight" in reference:
+        plan["output.weight"] = plan["tok_embeddings.weight"]
+    unused = sorted(n for n in hub_shapes if n not in used and not _ignorable(n, cfg, arch))
+    if unused:
+        raise CheckpointError(
+            f"the {arch.name} checkpoint has {len(unused)} tensor(s) moetrain would not use, "
+            f"e.g. {unused[0]!r}; refusing to drop weights silently"
+        )
+    return plan
+
+
 def state_from_hf(
     hf_state: Mapping[str, Tensor],
     cfg: ModelConfig,
     arch_name: str,
     dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
-    """Hub tensors of ``arch_name`` -> a full moetrain state dict for ``cfg`` (every tensor
-    present and of the right shape, or a :class:`CheckpointError` naming the first problem).
-    ``dtype``: cast floating tensors (None keeps the stored dtype)."""
-    arch = get_arch(arch_name)
+    """Hub tensors of ``arch_name`` (all in memory) -> a full moetrain state dict for ``cfg``,
+    checked as :func:`import_plan` does. ``dtype``: cast floating tensors (None keeps the stored
+    dtype). Loading a model streams instead (:mod:`moetrain.checkpoint.hf.stream`)."""
+    plan = import_plan({n: tuple(t.shape) for n, t in hf_state.items()}, cfg, arch_name)
     reference = _reference_state(cfg)
-    rules = _rules(cfg, arch, list(reference))
-    used: set[str] = set()
     out: dict[str, Tensor] = {}
-    for rule in rules:
-        missing = [n for n in rule.theirs if n not in hf_state]
-        if missing:
-            raise CheckpointError(
-                f"the {arch.name} checkpoint has no tensor {missing[0]!r} (needed for "
-                f"moetrain's {rule.ours}); is config.json the one these weights were saved with?"
-            )
+    for name, rule in plan.items():
+        if rule is None:  # a buffer the architecture does not store
+            out[name] = torch.zeros(reference[name].shape, dtype=reference[name].dtype)
+            continue
         parts = [hf_state[n] for n in rule.theirs]
         tensor = torch.stack(parts) if rule.stacked else parts[0]
-        want = reference[rule.ours].shape
-        if tensor.shape != want:
-            raise CheckpointError(
-                f"{rule.theirs[0]}: shape {tuple(tensor.shape)} but config.json implies "
-                f"{tuple(want)} for moetrain's {rule.ours}"
-            )
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        out[rule.ours] = tensor
-        used.update(rule.theirs)
-    for name, ref in reference.items():  # buffers the architecture does not store
-        if name not in out and not (name == "output.weight" and cfg.tie_embeddings):
-            out[name] = torch.zeros(ref.shape, dtype=ref.dtype)
-    if cfg.tie_embeddings and "output.weight" in reference:
+        out[name] = tensor
+    if cfg.tie_embeddings and "output.weight" in out:
         out["output.weight"] = out["tok_embeddings.weight"]
-    unused = sorted(n for n in hf_state if n not in used and not _ignorable(n, cfg, arch))
-    if unused:
-        raise CheckpointError(
-            f"the {arch.name} checkpoint has {len(unused)} tensor(s) moetrain would not use, "
-            f"e.g. {unused[0]!r}; refusing to drop weights silently"
-        )
     return out
 
 
