@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from moetrain.parallel.dims import DENSE_AXES, EXPERT_AXES, ParallelDims
 from moetrain.parallel.placement import ExpertPlacement, experts_share, placement_class
+
+if TYPE_CHECKING:
+    from moetrain.parallel.memory_plan import MemoryPlan
 
 
 def _stage_params(model: torch.nn.Module, layers: range) -> tuple[int, int]:
@@ -26,9 +31,11 @@ def describe_plan(
     num_experts: int | None,
     virtual_stages: int = 1,
     placement: ExpertPlacement | None = None,
+    ranks: list[int] | None = None,
 ) -> str:
     """The plan for ``model`` (build it on the meta device: only shapes are read) under the
-    expert ``placement`` (default: ``dims.expert_sharding`` with default options)."""
+    expert ``placement`` (default: ``dims.expert_sharding`` with default options); the rank
+    table lists ``ranks`` (default: every rank)."""
     placement = placement or placement_class(dims.expert_sharding)()
     num_layers = len(model.layers)  # type: ignore[arg-type]
     ranges = dims.layer_ranges(num_layers, virtual_stages)
@@ -40,7 +47,7 @@ def describe_plan(
         f"{'rank':>4} {'pp':>3} {'dp_r':>4} {'dp_s':>4} {'tp':>3} {'ep':>3} {'edp':>4} "
         f"{'etp':>3}  layers            experts      dense params  expert params",
     ]
-    for rank in range(dims.world_size):
+    for rank in range(dims.world_size) if ranks is None else ranks:
         c = dims.coords(rank)
         mine = [r for i, r in enumerate(ranges) if i % dims.pp == c.pp]
         dense = expert = 0
@@ -62,4 +69,48 @@ def describe_plan(
         "params per rank exclude embeddings and head; shares assume FSDP over dp_shard "
         f"(dense); {placement.share_note()}"
     )
+    return "\n".join(lines)
+
+
+def describe_memory(plan: MemoryPlan, gpu_memory_gb: float) -> str:
+    """The memory plan as a table, one row per rank class: GB (10**9 bytes), or MB (10**6)
+    when every class needs less than 1 GB."""
+    from moetrain.parallel.memory_plan import GB, gb_text
+
+    worst = plan.largest_class
+    unit, scale = ("GB", GB) if worst.total >= GB else ("MB", GB / 1000)
+    s = plan.settings
+    schedule = f"{s['pp_schedule']}, " if s["pp_schedule"] else ""
+    ckpt = "on" if s["activation_checkpointing"] else "off"
+    lines = [
+        f"memory per GPU in {unit}: micro-batch {s['micro_batch_size']} x seq_len "
+        f"{s['seq_len']}, {s['dtype']}, {s['optimizer']}, {schedule}"
+        f"{s['micro_batches_per_dp_rank']} micro-batches per data-parallel rank, activation "
+        f"checkpointing {ckpt} (act: the one the total uses)",
+        "rank classes: one per pipeline rank; its ranks differ only in data-parallel, EP, TP and "
+        "ETP position and hold equal shapes; planned on its first rank (data-parallel position "
+        "0: FSDP's largest shard)",
+        f"{'class':<6} {'ranks':<11} {'params':>7} {'grads':>7} {'optim':>7} {'act':>7} "
+        f"{'act_ckpt':>8} {'act_full':>8} {'flight':>6} {'a2a':>6} {'fsdp':>6} {'other':>6} "
+        f"{'total':>7}",
+    ]
+    for c in plan.classes:
+        items = {k: v / scale for k, v in c.items().items()}
+        other = items["buffers"] + items["FSSDP experts"]
+        ranks = f"{c.ranks[0]}-{c.ranks[-1]}" if len(c.ranks) > 1 else str(c.ranks[0])
+        a = c.activations
+        lines.append(
+            f"{c.name:<6} {ranks:<11} {items['parameters']:>7.2f} {items['gradients']:>7.2f} "
+            f"{items['optimizer state']:>7.2f} {items['activations']:>7.2f} "
+            f"{a.checkpointed / scale:>8.2f} {a.full / scale:>8.2f} {max(a.in_flight):>6} "
+            f"{items['all-to-all buffers']:>6.2f} {items['FSDP buffers']:>6.2f} {other:>6.2f} "
+            f"{c.total / scale:>7.2f}"
+        )
+    verdict = "fits" if worst.total / GB <= gpu_memory_gb else "does NOT fit"
+    lines += [
+        f"largest: rank class {worst.name}, {gb_text(worst.total)} GB per GPU: {verdict} in "
+        f"{gpu_memory_gb:g} GB",
+        f"planned {len(plan.classes)} rank class(es) on the meta device in {plan.wall_s:.1f} s; "
+        f"peak RSS {plan.peak_rss_mb:.0f} MB; every parameter stayed on meta",
+    ]
     return "\n".join(lines)

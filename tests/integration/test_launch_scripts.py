@@ -122,3 +122,36 @@ def test_plan_parallel_dry_run():
     bad = run_plan("--world-size", "4", "parallel.ep=3")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("plan_parallel: error: parallel.ep: 3 does not divide")
+    assert "memory per GPU in MB" in proc.stdout and "pp0    0-3 " in proc.stdout
+
+
+def test_plan_parallel_memory_of_deepseek_v3_at_2048_ranks():
+    import json
+
+    proc = run_plan(
+        "--world-size", "2048", "--json", "model=deepseek_v3", "parallel.pp=16",
+        "parallel.ep=64", "parallel.activation_checkpointing=true", "train.dtype=bf16",
+        "train.micro_batch_size=1", "train.seq_len=4096", "train.global_batch_size=4096",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)  # one JSON object, nothing else on stdout
+    assert plan["world_size"] == 2048 and plan["all_parameters_on_meta"]
+    assert [c["ranks"][0] for c in plan["per_rank"]] == list(range(0, 2048, 128))
+    assert all(len(c["ranks"]) == 128 for c in plan["per_rank"])
+    assert 10 < plan["max_rank_total_gb"] < 80 and plan["fits"]
+    assert plan["peak_rss_mb"] < 2000  # shapes only: 671B parameters never allocated
+    # the first stage holds the embedding (129280 x 7168, FSDP over 128 ranks) and 4 layers
+    first = plan["per_rank"][0]
+    assert first["activations"]["in_flight"] == [16]  # 1F1B: pp micro-batches on stage 0
+    assert plan["per_rank"][-1]["activations"]["in_flight"] == [1]
+
+
+def test_plan_parallel_over_budget_is_one_line():
+    proc = run_plan("--world-size", "2", "parallel.ep=2", "--gpu-memory-gb", "0.001")
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert "memory per GPU" in proc.stdout  # the plan is printed before the error
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("plan_parallel: error: rank class pp0 needs ")
+    assert "GB > 0.001 GB; largest: activations " in lines[0]
+    assert "parallel.activation_checkpointing=true" in lines[0]
