@@ -65,6 +65,8 @@ class Transformer(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         self.init_seed = seed
+        if self.cfg.tie_embeddings:  # to_empty() replaces parameters one by one: tie again
+            self.output.weight = self.tok_embeddings.weight
         init_module(self, self.init_specs(), seed)
 
     def init_specs(self) -> dict[str, InitSpec]:
