@@ -34,6 +34,9 @@ class TrainConfig:
     eval_batches: int = 8
     deterministic: bool = False
     peak_flops_per_device: Optional[float] = None  # null: measured at start / known-GPU table
+    # a non-finite loss or grad norm: stop (exit 3, nothing saved after it) | skip the update
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 10  # skip: stop after this many consecutive skipped steps
 
 
 @dataclass

@@ -86,6 +86,10 @@ def _validate_train(cfg: Config, dims: ParallelDims) -> None:
         _fail("train.dtype", f"must be fp32 or bf16, got {t.dtype!r}")
     if t.grad_clip < 0:
         _fail("train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
+    if t.nonfinite not in ("stop", "skip"):
+        _fail("train.nonfinite", f"must be stop or skip, got {t.nonfinite!r}")
+    if t.max_skipped_steps < 1:
+        _fail("train.max_skipped_steps", f"must be >= 1, got {t.max_skipped_steps}")
     dp = dims.dp
     if t.global_batch_size % (t.micro_batch_size * dp):
         _fail(

@@ -263,3 +263,7 @@ class MoELayer(nn.Module):
     def update_expert_bias(self, reduce_load: CountReduce | None = None) -> Tensor | None:
         """Aux-loss-free balancing: once per optimizer step (see ``Router.update_expert_bias``)."""
         return self.router.update_expert_bias(reduce_load)
+
+    def discard_step(self) -> None:
+        """A skipped optimizer step: drop what the router recorded for it."""
+        self.router.discard_step_load()

@@ -82,6 +82,10 @@ class Router(nn.Module, ABC):
         the router does no such balancing."""
         return None
 
+    def discard_step_load(self) -> None:
+        """Forget the load recorded during this optimizer step without using it (the step was
+        skipped, e.g. for a non-finite loss)."""
+
     def learned_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters that make the routing decision. The optimizer keeps them out of
         weight decay (decay pulls the logits toward uniform, against the balance the aux

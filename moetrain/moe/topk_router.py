@@ -111,6 +111,10 @@ class TopKRouter(Router):
         return self
 
     @torch.no_grad()
+    def discard_step_load(self) -> None:
+        self.step_load_E.zero_()
+
+    @torch.no_grad()
     def update_expert_bias(self, reduce_load: CountReduce | None = None) -> Tensor | None:
         """Apply ``b_i += rate * sign(mean_load - load_i)`` from this step's accumulated loads.
 

@@ -45,27 +45,41 @@ def finish_partial_grads(params: list[nn.Parameter]) -> None:
             p.grad = g.redistribute(placements=placements)
 
 
-def global_grad_norm(params: list[nn.Parameter], ctx: ParallelContext) -> Tensor:
-    """The L2 norm of the whole model's gradient (fp32 scalar, identical on every rank)."""
+def local_grad_sumsq(params: list[nn.Parameter], ctx: ParallelContext) -> Tensor:
+    """This rank's share of the squared global gradient norm (fp32 scalar): the squares of its
+    local gradient shards, each divided by the number of ranks holding an identical copy."""
     stage_ranks = ctx.dims.world_size // ctx.dims.pp
-    device = ctx.device
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    total = torch.zeros((), dtype=torch.float32, device=ctx.device)
     for p in params:
         if p.grad is None:
             continue
         local, shards = _local_and_shards(p.grad)
         copies = stage_ranks // shards
         total += local.float().pow(2).sum() / copies
+    return total
+
+
+def global_grad_norm(
+    params: list[nn.Parameter], ctx: ParallelContext, local_sumsq: Tensor | None = None
+) -> Tensor:
+    """The L2 norm of the whole model's gradient (fp32 scalar, identical on every rank), from
+    ``local_sumsq`` when given (:func:`local_grad_sumsq`)."""
+    total = local_grad_sumsq(params, ctx) if local_sumsq is None else local_sumsq.clone()
     if ctx.distributed:
         dist.all_reduce(total)
     return total.sqrt()
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, ctx: ParallelContext) -> float:
+def clip_grad_norm(
+    params: list[nn.Parameter],
+    max_norm: float,
+    ctx: ParallelContext,
+    local_sumsq: Tensor | None = None,
+) -> float:
     """Scale the gradients so their global norm is at most ``max_norm`` (``inf``: no clipping,
     as ``torch.nn.utils.clip_grad_norm_``: coefficient ``max_norm / (norm + 1e-6)`` capped at 1).
     Returns the norm before clipping."""
-    norm = global_grad_norm(params, ctx)
+    norm = global_grad_norm(params, ctx, local_sumsq)
     if math.isfinite(max_norm):
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for p in params:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -37,7 +38,7 @@ from moetrain.models.transformer import Transformer
 from moetrain.moe.experts import EXPERT_F_DIM, GroupedExperts
 from moetrain.moe.layer import MoELayer
 from moetrain.parallel.context import ParallelContext, single_process_context
-from moetrain.parallel.grads import clip_grad_norm, finish_partial_grads
+from moetrain.parallel.grads import clip_grad_norm, finish_partial_grads, local_grad_sumsq
 from moetrain.parallel.placement import ExpertPlacement, StepStatistics, placement_class
 from moetrain.parallel.tp import (
     ParamRef,
@@ -119,6 +120,7 @@ class ParallelModel:
     tp_partial: list[ParamRef] = field(default_factory=list)
     ctx: ParallelContext = field(default_factory=single_process_context)
     placement: ExpertPlacement | None = None
+    local_grads_finite: bool = True  # this rank's gradient shards, as of the last clip
 
     def materialize(self, specs: dict[str, InitSpec], seed: int) -> None:
         """Allocate this rank's shards on the context's device (the model was built and
@@ -153,8 +155,32 @@ class ParallelModel:
             finish_partial_grads(self.parameters())
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip to the global gradient norm (each parameter counted once); returns the norm."""
-        return clip_grad_norm(self.parameters(), max_norm, self.ctx)
+        """Clip to the global gradient norm (each parameter counted once); returns the norm.
+        ``local_grads_finite`` then says whether this rank's own gradient shards were finite."""
+        params = self.parameters()
+        local = local_grad_sumsq(params, self.ctx)
+        self.local_grads_finite = bool(torch.isfinite(local))  # host sync, as the norm's
+        return clip_grad_norm(params, max_norm, self.ctx, local)
+
+    def first_rank_with_nonfinite_weights(self) -> int | None:
+        """The lowest rank holding a non-finite parameter shard, or None (collective: one MAX
+        all-reduce of a flag per rank)."""
+        ctx = self.ctx
+        flags = torch.zeros(ctx.dims.world_size, device=ctx.device)
+        for p in self.parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if not bool(torch.isfinite(local).all()):
+                flags[ctx.rank] = 1.0
+                break
+        if ctx.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad = flags.nonzero()
+        return int(bad[0]) if bad.numel() else None
+
+    def discard_step(self) -> None:
+        """A skipped optimizer step: the MoE layers forget the loads they recorded for it."""
+        for layer in self.moe_layers:
+            layer.discard_step()
 
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing, once per optimizer step: loads summed over the data-parallel

@@ -19,7 +19,7 @@ import moetrain.config  # noqa: F401  (registers the structured config schema)
 from moetrain.config.schema import Config
 from moetrain.config.validate import validate
 from moetrain.train.metrics import bits_per_token
-from moetrain.train.trainer import Trainer
+from moetrain.train.trainer import NonFiniteError, Trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
@@ -108,7 +108,13 @@ def _main(dict_cfg: DictConfig) -> None:
     logging_rank = trainer.ctx.is_logging_rank
     if logging_rank:
         print(describe(cfg, run_dir, trainer), flush=True)
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    except NonFiniteError as err:  # every rank stops at the same step
+        if logging_rank:
+            print(f"moetrain-train: error: {err}", file=sys.stderr, flush=True)
+        trainer.close()
+        sys.exit(3)
     trainer.close()
     if logging_rank and result.val_losses:
         first, last = result.val_losses[0][1], result.val_losses[-1][1]

@@ -8,7 +8,8 @@ assignment in the step), ``router_entropy`` (nats, mean over tokens, layers and 
 and, with capacity dropping, ``dropped_frac_by_position`` (8 equal spans of the sequence).
 An expert placement may add its own fields (FSSDP: ``fssdp_replicas``, ``fssdp_max_over_mean``,
 ``fssdp_materialized``; see ``moetrain.parallel.fssdp_placement``).
-Evaluation rows carry ``val_loss`` and ``val_bpt`` instead.
+With ``train.nonfinite=skip`` rows carry ``skipped_steps`` (optimizer steps skipped so far in
+this process). Evaluation rows carry ``val_loss`` and ``val_bpt`` instead.
 """
 
 from __future__ import annotations

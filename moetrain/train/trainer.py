@@ -52,6 +52,11 @@ from moetrain.train.optim import build_optimizer
 from moetrain.train.tracking import Tracker
 
 
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss, gradient norm or weights (``train.nonfinite``); the
+    message is the one line a user sees. Every rank raises it at the same step."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -102,6 +107,8 @@ class Trainer:
                 t.seq_len,
             )
         self.step = 0  # optimizer steps taken (restored on resume)
+        self.skipped_steps = self.consecutive_skips = 0  # train.nonfinite=skip
+        self._nonfinite_ranks: list[int | None] = [None, None]
         self.wandb_run_id: str | None = None
         self.resumed_from: Path | None = None
         self.peak_flops, self.peak_source = 0.0, "not measured on this rank"
@@ -160,7 +167,10 @@ class Trainer:
             checkpoint.load_weights(Path(cfg.checkpoint.init_from), self.state_module, cfg.model)
 
     def run(self) -> TrainResult:
-        cfg, t = self.cfg, self.cfg.train
+        """Resume if there is a checkpoint, then train to ``train.steps``: log, evaluate and
+        checkpoint at their intervals. Raises ``NonFiniteError`` as ``train.nonfinite`` says
+        (the metrics file and the tracker are closed first)."""
+        cfg = self.cfg
         logging_rank = self.ctx.is_logging_rank
         self.resume()
         if logging_rank:
@@ -179,6 +189,16 @@ class Trainer:
             writer = MetricsWriter(
                 self.run_dir, resume_step=self.step if self.resumed_from else None
             )
+        try:
+            result = self._train(writer, tracker)
+        finally:
+            if writer is not None:
+                writer.close()
+            tracker.finish()
+        return result
+
+    def _train(self, writer: MetricsWriter | None, tracker: Tracker) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
         losses: list[float] = []
         val_losses: list[tuple[int, float]] = []
         if self.resumed_from is None:
@@ -187,7 +207,7 @@ class Trainer:
             callback.pre_train(self)
         bar = tqdm(
             range(self.step + 1, t.steps + 1),
-            disable=not (cfg.logging.progress_bar and logging_rank),
+            disable=not (cfg.logging.progress_bar and self.ctx.is_logging_rank),
             desc="train",
             dynamic_ncols=True,
         )
@@ -212,9 +232,6 @@ class Trainer:
                 self.save_checkpoint()
         for callback in self.callbacks:
             callback.post_train(self, tracker)
-        if writer is not None:
-            writer.close()
-        tracker.finish()
         return TrainResult(self.run_dir, losses, val_losses)
 
     # --- checkpoints ----------------------------------------------------------------------------
@@ -227,8 +244,16 @@ class Trainer:
         return self.ctx.dims.layout(self.cfg.parallel.pp_virtual_stages)
 
     def save_checkpoint(self) -> Path:
-        """Checkpoint the state after ``self.step`` steps (every rank calls this)."""
+        """Checkpoint the state after ``self.step`` steps (every rank calls this). Weights that
+        are not finite are never saved: ``NonFiniteError`` instead."""
         t = self.cfg.train
+        bad_rank = self.pm.first_rank_with_nonfinite_weights()
+        if bad_rank is not None:
+            raise NonFiniteError(
+                f"step {self.step}: non-finite weights first seen on rank {bad_rank}; no "
+                "checkpoint written (the latest complete one stays latest); lower optim.lr or "
+                "keep train.grad_clip on"
+            )
         train_state = {
             "step": self.step,
             "tokens_seen": self.step * t.global_batch_size * t.seq_len,
@@ -277,7 +302,8 @@ class Trainer:
     def train_step(self) -> tuple[dict[str, Any], float, float]:
         """One optimizer step over this rank's micro-batches of the next global batch.
         Returns the step's statistics (the row fields: ``loss`` and the callbacks', summed over
-        ranks), the global grad norm and the lr."""
+        ranks), the global grad norm and the lr. A non-finite loss or gradient norm stops the
+        run (``NonFiniteError``) or skips the update, as ``train.nonfinite`` says."""
         t = self.cfg.train
         batches = [
             (x.to(self.ctx.device), y.to(self.ctx.device))
@@ -296,13 +322,48 @@ class Trainer:
             local_loss, local_micro = self._pipeline_step(batches)
         self.pm.finish_gradients()
         grad_norm = self.pm.clip_grad_norm(t.grad_clip if t.grad_clip > 0 else math.inf)
+        stats = self._step_stats(local_loss, local_micro)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        if self._update_is_finite(stats, grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.pm.update_expert_bias()
         self.optimizer.zero_grad(set_to_none=True)
-        self.pm.update_expert_bias()
         self.step += 1
-        return self._step_stats(local_loss, local_micro), grad_norm, lr
+        return stats, grad_norm, lr
+
+    def _update_is_finite(self, stats: dict[str, Any], grad_norm: float) -> bool:
+        """False when this step must be skipped; raises ``NonFiniteError`` when the run must
+        stop. Every rank decides alike: the loss and the flags come from the step's reduction,
+        the norm from the global all-reduce."""
+        t, step = self.cfg.train, self.step + 1
+        bad = None
+        if not math.isfinite(stats["loss"]):
+            bad = ("loss", stats["loss"], self._nonfinite_ranks[0])
+        elif not math.isfinite(grad_norm):
+            bad = ("grad norm", grad_norm, self._nonfinite_ranks[1])
+        if t.nonfinite == "skip":
+            stats["skipped_steps"] = self.skipped_steps + (bad is not None)
+        if bad is None:
+            self.consecutive_skips = 0
+            return True
+        what, value, rank = bad
+        where = f"first seen on rank {rank}" if rank is not None else "on a tensor-parallel peer"
+        line = f"step {step}: non-finite {what} ({value}) {where}"
+        if t.nonfinite == "skip" and self.consecutive_skips < t.max_skipped_steps:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            self.pm.discard_step()
+            if self.ctx.is_logging_rank:
+                print(f"moetrain: {line}; update skipped (train.nonfinite=skip)", flush=True)
+            return False
+        if t.nonfinite == "skip":
+            line += f" after {self.consecutive_skips} consecutive skipped steps"
+        raise NonFiniteError(
+            f"{line}; stopped with no update or checkpoint after step {step - 1} "
+            "(train.nonfinite=" + t.nonfinite + "); lower optim.lr, keep train.grad_clip on, "
+            "or set train.nonfinite=skip"
+        )
 
     def _pipeline_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
         """Run the schedule over this rank's micro-batches; the loss lives on the last stage."""
@@ -326,16 +387,24 @@ class Trainer:
 
     def _step_stats(self, loss_sum: float, micro_batches: int) -> dict[str, Any]:
         """The step's row fields: the loss and every callback's statistics, summed over
-        pipeline stages and data-parallel ranks in one all-reduce."""
-        sums = [torch.tensor([loss_sum, micro_batches], dtype=torch.float64)]
+        pipeline stages and data-parallel ranks in one all-reduce, which also carries one
+        non-finite flag per rank for the loss and for its gradient shards
+        (``_nonfinite_ranks``: the lowest flagged rank of each, or None)."""
+        world = self.ctx.dims.world_size
+        flags = torch.zeros(2, world, dtype=torch.float64)
+        flags[0, self.ctx.rank] = float(micro_batches > 0 and not math.isfinite(loss_sum))
+        flags[1, self.ctx.rank] = float(not self.pm.local_grads_finite)
+        sums = [torch.tensor([loss_sum, micro_batches], dtype=torch.float64), flags.flatten()]
         sums += [c.step_sums() for c in self.callbacks]
         flat = torch.cat(sums)
         if self.ctx.distributed:  # NCCL reduces device tensors only
             flat = self.ctx.reduce_over_stages_and_dp(flat.to(self.ctx.device)).cpu()
         parts = flat.split([s.numel() for s in sums])
         total_loss, total_micro = parts[0].tolist()
+        flagged = [row.nonzero() for row in parts[1].view(2, world)]
+        self._nonfinite_ranks = [int(f[0]) if f.numel() else None for f in flagged]
         row: dict[str, Any] = {"loss": total_loss / max(total_micro, 1)}
-        for callback, part in zip(self.callbacks, parts[1:]):
+        for callback, part in zip(self.callbacks, parts[2:]):
             row.update(callback.step_fields(part, round(total_micro)))
         return row
 
