@@ -27,7 +27,9 @@ from moetrain.checkpoint import find_latest, verify
 from moetrain.testing.layouts import small_run_command, write_token_dir
 
 
-def command(data_dir: str, run_dir: Path, steps: int) -> list[str]:
+def command(data_dir: str, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    """``python -m moetrain.train`` for ``steps`` steps of the tiny model with a checkpoint after
+    every step (constant lr, no periodic evaluation); ``extra`` overrides come last and win."""
     return small_run_command(
         data_dir,
         run_dir,
@@ -36,7 +38,23 @@ def command(data_dir: str, run_dir: Path, steps: int) -> list[str]:
         "optim.schedule=constant",
         "optim.warmup_steps=0",
         "checkpoint.interval=1",
+        *extra,
     )
+
+
+def checkpoint_state(ckpts: Path) -> dict:
+    """The state of checkpoint directory ``ckpts`` (read right after a kill: what it left):
+    ``save_in_flight``, whether a ``.tmp-*`` directory exists; ``latest``, the directory the
+    ``latest`` pointer names (None before the first checkpoint); ``latest_complete``, whether that
+    checkpoint is complete and intact (checksums; True when there is none)."""
+    names = [p.name for p in ckpts.iterdir()] if ckpts.is_dir() else []
+    latest_file = ckpts / "latest"
+    latest = latest_file.read_text().strip() if latest_file.exists() else None
+    return {
+        "save_in_flight": any(n.startswith(".tmp-") for n in names),
+        "latest": latest,
+        "latest_complete": latest is None or verify(ckpts / latest) is None,
+    }
 
 
 def trial(data_dir: str, root: Path, index: int, rng: random.Random) -> dict:
@@ -56,10 +74,7 @@ def trial(data_dir: str, root: Path, index: int, rng: random.Random) -> dict:
     time.sleep(rng.uniform(0.0, 2.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    mid_save = any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
-    latest_file = ckpts / "latest"
-    latest = latest_file.read_text().strip() if latest_file.exists() else None
-    latest_ok = latest is None or verify(ckpts / latest) is None
+    left = checkpoint_state(ckpts)
     newest = find_latest(ckpts)
     resume_step = int(newest.name) if newest is not None else 0
     again = subprocess.run(
@@ -72,9 +87,9 @@ def trial(data_dir: str, root: Path, index: int, rng: random.Random) -> dict:
     resumed = again.returncode == 0 and (newest is None or "resumed from" in again.stdout)
     return {
         "trial": index,
-        "killed_mid_save": mid_save,
-        "latest": latest,
-        "latest_complete": latest_ok,
+        "killed_mid_save": left["save_in_flight"],
+        "latest": left["latest"],
+        "latest_complete": left["latest_complete"],
         "resumed_from_step": resume_step,
         "resume_ok": resumed,
     }
