@@ -75,6 +75,9 @@ class ParallelConfig:
     expert_sharding: str = "ep"
     fssdp_rematerialize: bool = True  # free gathered experts after forward, gather again in bwd
     fssdp_slack: float = 0.05  # a rank may compute (1 + slack) x the mean rows before splitting
+    # a step (or eval, or checkpoint save) longer than this ends the run with a diagnosis
+    # (hang-rank<N>.txt, exit 75); the process group's own timeout is 60 s longer
+    timeout_s: float = 600.0
 
 
 @dataclass

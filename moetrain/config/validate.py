@@ -128,6 +128,8 @@ def _validate_optim(cfg: Config) -> None:
 def _validate_parallel(cfg: Config) -> ParallelDims:
     p, m = cfg.parallel, cfg.model
     dims = parallel_dims(cfg)
+    if p.timeout_s <= 0:
+        _fail("parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
     if p.pp_virtual_stages < 1:
         _fail("parallel.pp_virtual_stages", f"must be >= 1, got {p.pp_virtual_stages}")
     dims.validate_model(m, p.pp_virtual_stages)

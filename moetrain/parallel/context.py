@@ -119,14 +119,26 @@ def _init_default_group(timeout: timedelta) -> None:
     )
 
 
-def init_parallel(dims: ParallelDims, timeout_s: float = 600.0) -> ParallelContext:
+# how much longer the process group waits for a collective than the step watchdog waits for a
+# step: a hang then ends with the watchdog's diagnosis, not a bare backend timeout
+PG_TIMEOUT_MARGIN_S = 60.0
+
+
+def init_parallel(
+    dims: ParallelDims, timeout_s: float = 600.0, margin_s: float = PG_TIMEOUT_MARGIN_S
+) -> ParallelContext:
     """Join (or start) the default process group for ``dims`` and build the meshes. A
     single-process layout starts nothing. ``dims`` is already validated, so a bad layout never
-    reaches a process group."""
+    reaches a process group.
+
+    ``timeout_s`` is ``parallel.timeout_s``, the step watchdog's limit
+    (``moetrain.train.watchdog``); the process group's own collective timeout is
+    ``timeout_s + margin_s``, so the watchdog fires first. A group already started (tests) keeps
+    its timeout."""
     if dims.world_size == 1:
         return single_process_context()
     if not dist.is_initialized():
-        _init_default_group(timedelta(seconds=timeout_s))
+        _init_default_group(timedelta(seconds=timeout_s + margin_s))
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)

@@ -60,22 +60,32 @@ class EPOptions:
 
 
 class _Exchange(torch.autograd.Function):
-    """Differentiable row exchange (uneven splits) through an ``EPExchange``."""
+    """Differentiable row exchange (uneven splits) through an ``EPExchange``; ``names`` =
+    (forward, backward) exchange names for the activity record."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, splits: Splits, comm: EPExchange) -> Tensor:
-        ctx.splits, ctx.comm = splits, comm
+    def forward(
+        ctx: Any, x: Tensor, splits: Splits, comm: EPExchange, names: tuple[str, str]
+    ) -> Tensor:
+        ctx.splits, ctx.comm, ctx.backward_name = splits, comm, names[1]
         # rows for EP rank r leave from x[sum(send[:r]):...]; rows from rank r land at recv[r]
-        return comm.start(x, splits).wait()
+        return comm.start(x, splits, names[0]).wait()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
         # the gradient travels back the way the rows came: splits swapped
-        return ctx.comm.start(grad, ctx.splits.reversed()).wait(), None, None
+        back = ctx.comm.start(grad, ctx.splits.reversed(), ctx.backward_name).wait()
+        return back, None, None, None
 
 
-def exchange(x: Tensor, splits: Splits, comm: EPExchange) -> Tensor:
-    return _Exchange.apply(x, splits, comm)
+_DISPATCH = ("ep dispatch", "ep dispatch grad")
+_COMBINE = ("ep combine", "ep combine grad")
+
+
+def exchange(
+    x: Tensor, splits: Splits, comm: EPExchange, names: tuple[str, str] = _DISPATCH
+) -> Tensor:
+    return _Exchange.apply(x, splits, comm, names)
 
 
 @dataclass
@@ -133,7 +143,7 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         routed = self._route(x_TD, routing)
         splits = routed.splits()
-        received_RD = exchange(permute(x_TD, routed.rows.row_token_R), splits, self.comm)
+        received_RD = exchange(permute(x_TD, routed.rows.row_token_R), splits, self.comm, _DISPATCH)
         # (source, local expert) -> (local expert, source)
         order = segment_order(routed.recv_Pe).to(x_TD.device)
         self._state = (routed.rows, x_TD.shape[0], splits, order)
@@ -144,7 +154,7 @@ class AllToAllDispatcher:
             raise RuntimeError("combine() called before dispatch()")
         (rows, num_tokens, splits, order), self._state = self._state, None
         by_source_RD = unpermute(expert_output_RD, order, None, expert_output_RD.shape[0])
-        returned_RD = exchange(by_source_RD, splits.reversed(), self.comm)
+        returned_RD = exchange(by_source_RD, splits.reversed(), self.comm, _COMBINE)
         return unpermute(returned_RD, rows.row_token_R, rows.row_weight_R, num_tokens)
 
     def run(

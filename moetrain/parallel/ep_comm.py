@@ -8,7 +8,9 @@ Both exchanges implement one contract, that of ``all_to_all_single`` over the EP
 input holds the rows for EP rank 0, then for rank 1, ... (``splits.send[p]`` rows each); the
 output holds the rows from rank 0, then from rank 1, ... (``splits.recv[p]`` rows each), every
 segment in the order its sender had it. ``start`` issues the exchange and returns a handle whose
-``wait`` returns the output, so callers can compute while rows are in flight.
+``wait`` returns the output, so callers can compute while rows are in flight. ``start``'s
+``what`` names the exchange (``ep dispatch``, ...) for ``moetrain.parallel.activity``, which
+records every wait (and the count exchanges) with the collective and its group.
 
 ``HierarchicalAllToAll`` moves rows inter-node first: rank (a, i) sends everything bound for
 node b to its peer (b, i) (the "peer" group of local index i: one rank per node), then each
@@ -25,6 +27,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from moetrain.parallel.activity import collective, group_label
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class EPExchange(Protocol):
 
     def exchange_counts(self, send_Pe: Tensor) -> tuple[Tensor, Tensor | None]: ...
 
-    def start(self, x_RD: Tensor, splits: Splits) -> Pending: ...
+    def start(self, x_RD: Tensor, splits: Splits, what: str = "ep exchange") -> Pending: ...
 
 
 def segment_order(counts_AB: Tensor) -> Tensor:
@@ -79,43 +83,52 @@ class _Ready:
 
 
 class _InFlight:
-    """One async ``all_to_all_single``; keeps its input alive until it completes."""
+    """One async ``all_to_all_single``; keeps its input alive until it completes. ``what`` and
+    ``label`` name it while a rank waits for it (``moetrain.parallel.activity``)."""
 
-    def __init__(self, work: Any, out: Tensor, keep: Tensor) -> None:
+    def __init__(self, work: Any, out: Tensor, keep: Tensor, what: str, label: str) -> None:
         self.work, self.out = work, out
         self.keep: Tensor | None = keep
+        self.what, self.label = what, label
 
     def wait(self) -> Tensor:
-        self.work.wait()  # CPU: blocks; NCCL: the current stream waits for NCCL's stream
+        with collective("all_to_all", self.what, self.label):
+            self.work.wait()  # CPU: blocks; NCCL: the current stream waits for NCCL's stream
         self.keep = None
         return self.out
 
 
-def _issue(x_RD: Tensor, send: list[int], recv: list[int], group: Any) -> _InFlight:
+def _issue(
+    x_RD: Tensor, send: list[int], recv: list[int], group: Any, what: str, label: str
+) -> _InFlight:
     x = x_RD.contiguous()
     out = x.new_empty(sum(recv), *x.shape[1:])
     # rows x[sum(send[:r]) : ...] go to group rank r; rows from group rank r land at recv[r]
     work = dist.all_to_all_single(out, x, recv, send, group=group, async_op=True)
-    return _InFlight(work, out, x)
+    return _InFlight(work, out, x, what, label)
 
 
 class FlatAllToAll:
-    """One ``all_to_all_single`` over the whole EP group."""
+    """One ``all_to_all_single`` over the whole EP group (``name`` names the group in the
+    activity record: ``ep``, or ``fssdp`` when FSSDP moves its rows through it)."""
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, group: Any, name: str = "ep") -> None:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.label, self.counts_what = group_label(group, name), f"{name} counts"
 
     def exchange_counts(self, send_Pe: Tensor) -> tuple[Tensor, Tensor | None]:
         """Rows per (destination rank, local expert) -> rows per (source rank, local expert)."""
         recv_Pe = torch.empty_like(send_Pe)
-        # counts travel on the rows' device (NCCL needs device tensors, gloo takes CPU ones)
-        dist.all_to_all_single(recv_Pe, send_Pe, group=self.group)
-        return recv_Pe.cpu(), None  # host sync: the split sizes of the row exchange
+        with collective("all_to_all", self.counts_what, self.label):
+            # counts travel on the rows' device (NCCL needs device tensors, gloo takes CPU ones)
+            dist.all_to_all_single(recv_Pe, send_Pe, group=self.group)
+            recv_Pe = recv_Pe.cpu()  # host sync: the split sizes of the row exchange
+        return recv_Pe, None
 
-    def start(self, x_RD: Tensor, splits: Splits) -> Pending:
-        return _issue(x_RD, splits.send, splits.recv, self.group)
+    def start(self, x_RD: Tensor, splits: Splits, what: str = "ep exchange") -> Pending:
+        return _issue(x_RD, splits.send, splits.recv, self.group, what, self.label)
 
 
 @dataclass
@@ -153,12 +166,18 @@ class _TwoStage:
     """A hierarchical exchange between its stages: the inter-node stage is in flight."""
 
     def __init__(
-        self, owner: HierarchicalAllToAll, first: Pending, counts1: Tensor, splits: Splits
+        self,
+        owner: HierarchicalAllToAll,
+        first: Pending,
+        counts1: Tensor,
+        splits: Splits,
+        what: str,
     ) -> None:
         self.owner, self.first, self.counts1, self.splits = owner, first, counts1, splits
+        self.what = what
 
     def wait(self) -> Tensor:
-        return self.owner._finish(self.first.wait(), self.counts1, self.splits)
+        return self.owner._finish(self.first.wait(), self.counts1, self.splits, self.what)
 
 
 class HierarchicalAllToAll:
@@ -171,6 +190,8 @@ class HierarchicalAllToAll:
         self.N, self.L = groups.num_nodes, groups.per_node
         self.size, self.rank = self.N * self.L, ep_rank
         self.node, self.local = divmod(ep_rank, self.L)
+        self.node_label = group_label(groups.node, "ep node")
+        self.peers_label = group_label(groups.peers, "ep peer")
 
     def exchange_counts(self, send_Pe: Tensor) -> tuple[Tensor, Tensor | None]:
         """Every rank learns every rank's rows per global expert (``full_PE``, needed to forward
@@ -178,15 +199,17 @@ class HierarchicalAllToAll:
         counts_E = send_Pe.flatten().contiguous()
         # flat buffers (gloo wants the output as input-shaped pieces, i.e. 1-D here)
         node_LE = counts_E.new_empty(self.L * counts_E.numel())
-        dist.all_gather_into_tensor(node_LE, counts_E, group=self.groups.node)
+        with collective("all_gather", "ep counts", self.node_label):
+            dist.all_gather_into_tensor(node_LE, counts_E, group=self.groups.node)
         full_NLE = node_LE.new_empty(self.N * node_LE.numel())
-        dist.all_gather_into_tensor(full_NLE, node_LE, group=self.groups.peers)
-        full_PE = full_NLE.view(self.size, -1).cpu()  # host sync: split sizes
+        with collective("all_gather", "ep counts", self.peers_label):
+            dist.all_gather_into_tensor(full_NLE, node_LE, group=self.groups.peers)
+            full_PE = full_NLE.view(self.size, -1).cpu()  # host sync: split sizes
         e = full_PE.shape[1] // self.size
         recv_Pe = full_PE[:, self.rank * e : (self.rank + 1) * e]
         return recv_Pe.contiguous(), full_PE
 
-    def start(self, x_RD: Tensor, splits: Splits) -> Pending:
+    def start(self, x_RD: Tensor, splits: Splits, what: str = "ep exchange") -> Pending:
         if splits.full_PP is None:
             raise ValueError("the hierarchical all-to-all needs Splits.full_PP")
         M = splits.full_PP.reshape(self.N, self.L, self.N, self.L)
@@ -196,11 +219,12 @@ class HierarchicalAllToAll:
         send1 = M[a, i].sum(1).tolist()
         counts1_NL = M[:, i, a, :]
         if self.N == 1:
-            return _TwoStage(self, _Ready(x_RD), counts1_NL, splits)
-        first = _issue(x_RD, send1, counts1_NL.sum(1).tolist(), self.groups.peers)
-        return _TwoStage(self, first, counts1_NL, splits)
+            return _TwoStage(self, _Ready(x_RD), counts1_NL, splits, what)
+        recv1 = counts1_NL.sum(1).tolist()
+        first = _issue(x_RD, send1, recv1, self.groups.peers, what, self.peers_label)
+        return _TwoStage(self, first, counts1_NL, splits, what)
 
-    def _finish(self, stage1_RD: Tensor, counts1_NL: Tensor, splits: Splits) -> Tensor:
+    def _finish(self, stage1_RD: Tensor, counts1_NL: Tensor, splits: Splits, what: str) -> Tensor:
         assert splits.full_PP is not None
         M = splits.full_PP.reshape(self.N, self.L, self.N, self.L)
         a, i = self.node, self.local
@@ -211,6 +235,7 @@ class HierarchicalAllToAll:
         counts2_LN = M[:, :, a, i].t()
         if self.L > 1:
             send2 = counts1_NL.sum(0).tolist()
-            by_dest = _issue(by_dest, send2, counts2_LN.sum(1).tolist(), self.groups.node).wait()
+            recv2 = counts2_LN.sum(1).tolist()
+            by_dest = _issue(by_dest, send2, recv2, self.groups.node, what, self.node_label).wait()
         # (i', b') -> (b', i') = EP rank order of the sources
         return by_dest.index_select(0, segment_order(counts2_LN).to(by_dest.device))

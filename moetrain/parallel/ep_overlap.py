@@ -158,7 +158,9 @@ class _Pipeline:
 
     def _issue_dispatch(self, c: int) -> None:
         if c < self.plan.degree:
-            self.dispatched[c] = self.comm.start(self.send_chunks[c], self.plan.splits[c])
+            self.dispatched[c] = self.comm.start(
+                self.send_chunks[c], self.plan.splits[c], "ep dispatch (overlapped)"
+            )
 
     def start_dispatch(self, sent_RD: Tensor) -> None:
         chunked_RD = sent_RD.index_select(0, self.send_perm)
@@ -190,7 +192,9 @@ class _Pipeline:
             out = self._experts_chunk(compute, rows, plan.expert_counts[c], build_graph, c)
             back = _unpermute_rows(out, self.orders[c])  # -> (source, local expert) order
             # rows go back with the splits swapped; they land where chunk c's rows left from
-            combined.append(self.comm.start(back, plan.splits[c].reversed()))
+            combined.append(
+                self.comm.start(back, plan.splits[c].reversed(), "ep combine (overlapped)")
+            )
             self._issue_dispatch(c + LOOKAHEAD)
         self.send_chunks = ()
         returned = torch.cat([p.wait() for p in combined])
@@ -232,7 +236,9 @@ class _Pipeline:
 
         def issue(c: int) -> None:  # the output gradient travels the way the rows came
             if c < n:
-                grad_out[c] = self.comm.start(chunks[c], plan.splits[c])
+                grad_out[c] = self.comm.start(
+                    chunks[c], plan.splits[c], "ep combine grad (overlapped)"
+                )
 
         wanted = [i for i, w in enumerate(self.weights) if w is not None and w.requires_grad]
         wanted_weights = [w for w in self.weights if w is not None and w.requires_grad]
@@ -249,7 +255,9 @@ class _Pipeline:
             if rows_need_grad:
                 g_leaf = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
                 back = _unpermute_rows(g_leaf, self.orders[c])
-                self.grad_rows[c] = self.comm.start(back, plan.splits[c].reversed())
+                self.grad_rows[c] = self.comm.start(
+                    back, plan.splits[c].reversed(), "ep dispatch grad (overlapped)"
+                )
                 grads = grads[1:]
             for i, g in zip(wanted, grads):
                 if g is not None:

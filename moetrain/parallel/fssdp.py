@@ -56,6 +56,7 @@ from moetrain.moe.dispatcher import ExpertsFn, Routing, sort_by_expert
 from moetrain.moe.experts import EXPERT_WEIGHTS
 from moetrain.moe.layer import MoELayer, recomputing
 from moetrain.ops import permute, unpermute
+from moetrain.parallel.activity import collective, group_label
 from moetrain.parallel.ep_comm import FlatAllToAll, Splits, segment_order
 from moetrain.parallel.fssdp_comm import (
     Membership,
@@ -129,7 +130,7 @@ class _Step:
     def __init__(
         self, plan: Placement, group: Any, options: FSSDPOptions, device: torch.device
     ) -> None:
-        self.comm = FlatAllToAll(group)
+        self.comm = FlatAllToAll(group, "fssdp")
         self.group, self.options = group, options
         me = self.me = self.comm.rank
         self.num_experts = plan.num_experts
@@ -168,9 +169,9 @@ class _Step:
 
     # --- the sparse collectives and the materialized weights ---------------------------------
 
-    def _gather(self) -> PendingGather:
+    def _gather(self, what: str = "fssdp expert gather") -> PendingGather:
         assert self.layout is not None
-        pending = PendingGather(self.shards, self.layout, self.members, self.group)
+        pending = PendingGather(self.shards, self.layout, self.members, self.group, what)
         return pending
 
     def _materialize(self, pieces_NmW: Tensor, build_graph: bool) -> list[Tensor | None]:
@@ -225,13 +226,14 @@ class _Step:
         self.bytes.gather += gather.received_bytes
         # rows for rank q leave from its segment of the (rank, expert)-ordered input; rows from
         # rank p land in (source, expert) order
-        rows = self.comm.start(sent_RD, self.splits)
+        rows = self.comm.start(sent_RD, self.splits, "fssdp dispatch")
         self.bytes.tokens += _rows_sent(sent_RD, self.splits, self.me)
         full = self._materialize(gather.wait(), build_graph)
         received = rows.wait().index_select(0, self.expert_order)
         out = self._compute(compute, received, full, build_graph)
         back = _unpermute_rows(out, self.expert_order)  # -> (source, expert) order
-        returned = self.comm.start(back, self.splits.reversed())  # each row back to its source
+        # each row back to its source
+        returned = self.comm.start(back, self.splits.reversed(), "fssdp combine")
         self.bytes.tokens += _rows_sent(back, self.splits.reversed(), self.me)
         combined = returned.wait()
         if not build_graph or self.options.rematerialize:
@@ -261,11 +263,11 @@ class _Step:
         assert self.layout is not None
         rows_need_grad = rows_need_grad and self.rows_need_grad
         # the output gradient travels the way the rows came
-        g_out = self.comm.start(grad_RD, self.splits)
+        g_out = self.comm.start(grad_RD, self.splits, "fssdp combine grad")
         self.bytes.tokens += _rows_sent(grad_RD, self.splits, self.me)
         regather = None
         if self.options.rematerialize:
-            regather = self._gather()
+            regather = self._gather("fssdp expert regather")
             self.bytes.regather += regather.received_bytes
         g_rows = g_out.wait().index_select(0, self.expert_order)
         if regather is not None:
@@ -277,7 +279,7 @@ class _Step:
         if grad_leaf is not None:
             back = _unpermute_rows(grad_leaf, self.expert_order)
             # the rows' gradients go back to the ranks the rows came from
-            returned = self.comm.start(back, self.splits.reversed())
+            returned = self.comm.start(back, self.splits.reversed(), "fssdp dispatch grad")
             self.bytes.tokens += _rows_sent(back, self.splits.reversed(), self.me)
         shard_grads: list[Tensor | None] = [None, None, None]
         if any(s.requires_grad for s in self.shards):
@@ -379,8 +381,9 @@ class FSSDPDispatcher:
         bytes this rank sent."""
         local = tokens_per_expert_E.to(device=device, dtype=torch.long)
         every = local.new_empty(self.size * local.numel())
-        dist.all_gather_single(every, local, group=self.group)
-        counts_PE = every.view(self.size, -1).cpu()  # host sync: the plan decides every split
+        with collective("all_gather", "fssdp counts", group_label(self.group, "fssdp")):
+            dist.all_gather_single(every, local, group=self.group)
+            counts_PE = every.view(self.size, -1).cpu()  # host sync: the plan decides every split
         sent = (self.size - 1) * local.numel() * local.element_size()
         return plan_placement(counts_PE, self.options.slack), sent
 

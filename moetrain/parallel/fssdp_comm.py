@@ -21,7 +21,9 @@ materializes expert e):
   every run — into its shard's gradient. An expert nobody materialized gets a zero gradient.
 
 ``PendingGather`` and ``PendingReduce`` issue their exchange asynchronously when constructed;
-``wait`` finishes it, so the token exchange can fly at the same time.
+``wait`` finishes it, so the token exchange can fly at the same time. A rank waiting in one is
+recorded in ``moetrain.parallel.activity`` (``all_to_all (fssdp expert gather) on fssdp group
+ranks [...]``) and the wait counts towards its MoE exchange wait time.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from moetrain.parallel.activity import collective, group_label
 
 
 @dataclass(frozen=True)
@@ -136,9 +140,11 @@ class Membership:
 
 
 class _Exchange:
-    """One async ``all_to_all_single`` of rows; keeps its input alive until it completes."""
+    """One async ``all_to_all_single`` of rows; keeps its input alive until it completes.
+    ``what`` names it in the activity record while a rank waits for it."""
 
-    def __init__(self, x: Tensor, send: list[int], recv: list[int], group: Any) -> None:
+    def __init__(self, x: Tensor, send: list[int], recv: list[int], group: Any, what: str) -> None:
+        self.what, self.label = what, group_label(group, "fssdp")
         self.keep: Tensor | None = x.contiguous()
         self.out = x.new_empty(sum(recv), *x.shape[1:])
         # rows keep[sum(send[:r]) : ...] go to group rank r; rows from rank r land at recv[r]
@@ -147,7 +153,8 @@ class _Exchange:
         )
 
     def wait(self) -> Tensor:
-        self.work.wait()  # CPU: blocks; NCCL: the current stream waits for NCCL's stream
+        with collective("all_to_all", self.what, self.label):
+            self.work.wait()  # CPU: blocks; NCCL: the current stream waits for NCCL's stream
         self.keep = None
         return self.out
 
@@ -157,10 +164,16 @@ class PendingGather:
     ``[E, *shard_shape]`` tensor per weight); ``wait()`` returns the ``[N, m, W]`` shards of
     this rank's materialized experts (shard r at ``[r]``). ``received_bytes``: what this rank
     receives from the others. (Its own shards go through the exchange too, as a local copy: the
-    output is then the ``[N, m, W]`` buffer itself, with no reassembly.)"""
+    output is then the ``[N, m, W]`` buffer itself, with no reassembly.) ``what`` names it in
+    the activity record."""
 
     def __init__(
-        self, shards: list[Tensor], layout: ShardLayout, members: Membership, group: Any
+        self,
+        shards: list[Tensor],
+        layout: ShardLayout,
+        members: Membership,
+        group: Any,
+        what: str = "fssdp expert gather",
     ) -> None:
         N, m, W = members.num_ranks, int(members.mine.numel()), layout.width
         # to each rank q: my shard of every expert q materializes, in q's expert order
@@ -168,7 +181,7 @@ class PendingGather:
         recv = [m] * N
         self.received_bytes = (N - 1) * m * W * send.element_size()
         self.N, self.m, self.W = N, m, W
-        self.exchange = _Exchange(send, members.counts(), recv, group)
+        self.exchange = _Exchange(send, members.counts(), recv, group, what)
 
     def wait(self) -> Tensor:
         return self.exchange.wait().view(self.N, self.m, self.W)
@@ -191,7 +204,13 @@ class PendingReduce:
         N, m, W = pieces_NmW.shape
         self.sent_bytes = (N - 1) * m * W * pieces_NmW.element_size()
         self.layout, self.members, self.num_experts = layout, members, num_experts
-        self.exchange = _Exchange(pieces_NmW.reshape(N * m, W), [m] * N, members.counts(), group)
+        self.exchange = _Exchange(
+            pieces_NmW.reshape(N * m, W),
+            [m] * N,
+            members.counts(),
+            group,
+            "fssdp expert grad reduce",
+        )
 
     def wait(self) -> list[Tensor]:
         received = self.exchange.wait()  # rank q's pieces for its experts, q = 0, 1, ...

@@ -13,14 +13,17 @@ returns objects with ``step_sums``/``step_fields``), so the loop names no placem
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from moetrain.models.config import ModelConfig
 from moetrain.moe import MoELayer
+from moetrain.parallel import activity
 from moetrain.parallel.placement import StepStatistics
 from moetrain.train.memory import peak_memory
 from moetrain.train.metrics import StepStats
@@ -35,6 +38,9 @@ class Callback:
 
     def pre_train(self, trainer: Trainer) -> None:
         """Before the first step of ``run`` (after a resume)."""
+
+    def pre_step(self, trainer: Trainer, step: int) -> None:
+        """Right before optimizer step ``step`` starts."""
 
     def post_step(self, trainer: Trainer, step: int, row: dict[str, Any] | None) -> None:
         """After optimizer step ``step``; ``row`` is the logged row on log steps, else None."""
@@ -124,3 +130,52 @@ class ExpertLoadHeatmap(Callback):
     def post_train(self, trainer: Trainer, tracker: Tracker) -> None:
         if self.enabled and save_expert_load_heatmap(self.steps, self.loads, self.path):
             tracker.log_image("expert_load_heatmap", self.path, trainer.cfg.train.steps)
+
+
+def straggler_fields(table: Tensor) -> dict[str, Any]:
+    """The ``straggler/*`` fields from a ``world x 2`` table (rank r's row: its step seconds,
+    its MoE exchange wait seconds): min, max and argmax over ranks of each, and the argmin of
+    the wait (the rank the others waited for). Ties go to the lowest rank."""
+    fields: dict[str, Any] = {}
+    for col, name in enumerate(("step_s", "a2a_wait_s")):
+        values = table[:, col]
+        fields[f"straggler/{name}_min"] = float(values.min())
+        fields[f"straggler/{name}_max"] = float(values.max())
+        fields[f"straggler/{name}_argmax"] = int(values.argmax())
+    fields["straggler/a2a_wait_s_argmin"] = int(table[:, 1].argmin())
+    return fields
+
+
+class StragglerStatistics(Callback):
+    """Per logged step, over the launch's ranks: each rank's step time (``pre_step`` to its
+    log row) and the wall time it spent waiting in MoE exchanges during the step (EP
+    all-to-alls, FSSDP's gathers, reduces and count all-gather: ``activity.take_comm_wait_s``).
+    One ``MAX`` all-reduce of a ``world x 2`` float64 table (each rank fills its row; the
+    values are >= 0, so the result is every rank's row) gives ``straggler/step_s_{min,max,
+    argmax}`` and ``straggler/a2a_wait_s_{min,max,argmax,argmin}``.
+
+    Reading them: ranks synchronize in every collective, so a slow rank shows less as a longer
+    step than as the others' waiting: ``a2a_wait_s_argmin`` names the rank the others waited
+    for, ``a2a_wait_s_max - a2a_wait_s_min`` what it cost them; ``step_s_argmax`` names the
+    rank slowest at the work after the step's last collective. Needs the trainer to call
+    ``pre_step`` before each step."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+
+    def pre_step(self, trainer: Trainer, step: int) -> None:
+        """Start the step's clock; waits before it (eval, checkpoints) are not the step's."""
+        self.start = time.perf_counter()
+        activity.take_comm_wait_s()
+
+    def log_fields(self, trainer: Trainer) -> dict[str, Any]:
+        step_s = time.perf_counter() - self.start if self.start is not None else 0.0
+        ctx = trainer.ctx
+        table = torch.zeros(ctx.dims.world_size, 2, dtype=torch.float64)
+        table[ctx.rank, 0] = step_s
+        table[ctx.rank, 1] = activity.take_comm_wait_s()
+        if ctx.distributed:
+            table = table.to(ctx.device)  # NCCL reduces device tensors only
+            dist.all_reduce(table, op=dist.ReduceOp.MAX)
+            table = table.cpu()
+        return straggler_fields(table)

@@ -30,6 +30,7 @@ from moetrain.config.schema import Config
 from moetrain.config.validate import expert_placement, parallel_dims
 from moetrain.data import BatchIterator, ShuffledSampler, build_datasets, build_tokenizer
 from moetrain.models import Transformer
+from moetrain.parallel import activity
 from moetrain.parallel.context import ParallelContext, close_parallel, init_parallel
 from moetrain.parallel.parallelize import parallelize
 from moetrain.parallel.pipeline import build_schedule, pipeline_forward
@@ -39,6 +40,7 @@ from moetrain.train.callbacks import (
     MemoryStatistics,
     MoEStatistics,
     PlacementStatistics,
+    StragglerStatistics,
 )
 from moetrain.train.lr import build_scheduler, load_scheduler_state, scheduler_state
 from moetrain.train.memory import peak_memory
@@ -50,6 +52,7 @@ from moetrain.train.metrics import (
 )
 from moetrain.train.optim import build_optimizer
 from moetrain.train.tracking import Tracker
+from moetrain.train.watchdog import Watchdog
 
 
 class NonFiniteError(RuntimeError):
@@ -79,7 +82,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         t = cfg.train
-        self.ctx = ctx if ctx is not None else init_parallel(parallel_dims(cfg))
+        self.ctx = ctx or init_parallel(parallel_dims(cfg), cfg.parallel.timeout_s)
         torch.manual_seed(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -89,6 +92,7 @@ class Trainer:
             MoEStatistics(self.moe_layers, self.pm.moe_ids, cfg.model, t.seq_len),
             *(PlacementStatistics(s) for s in self.pm.step_statistics()),
             ExpertLoadHeatmap(run_dir / "expert_load.png", self.ctx.is_logging_rank),
+            StragglerStatistics(),  # before any callback whose collective syncs the ranks
             MemoryStatistics(),
             *(callbacks or []),
         ]
@@ -189,19 +193,28 @@ class Trainer:
             writer = MetricsWriter(
                 self.run_dir, resume_step=self.step if self.resumed_from else None
             )
+        # a step, eval or save longer than parallel.timeout_s ends the run with a diagnosis
+        watchdog = Watchdog(
+            self.run_dir, self.ctx.rank, self.ctx.dims.world_size, cfg.parallel.timeout_s
+        )
+        watchdog.start()
         try:
-            result = self._train(writer, tracker)
+            result = self._train(writer, tracker, watchdog)
         finally:
+            watchdog.stop()
             if writer is not None:
                 writer.close()
             tracker.finish()
         return result
 
-    def _train(self, writer: MetricsWriter | None, tracker: Tracker) -> TrainResult:
+    def _train(
+        self, writer: MetricsWriter | None, tracker: Tracker, watchdog: Watchdog
+    ) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         losses: list[float] = []
         val_losses: list[tuple[int, float]] = []
         if self.resumed_from is None:
+            watchdog.step_begin(0)
             val_losses.append((0, self._evaluate_and_log(0, writer, tracker)))  # the start point
         for callback in self.callbacks:
             callback.pre_train(self)
@@ -212,6 +225,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         for step in bar:
+            watchdog.step_begin(step)
+            for callback in self.callbacks:
+                callback.pre_step(self, step)
             start = time.perf_counter()
             stats, grad_norm, lr = self.train_step()
             seconds = time.perf_counter() - start
@@ -226,10 +242,13 @@ class Trainer:
             for callback in self.callbacks:
                 callback.post_step(self, step, row)
             if step == t.steps or (t.eval_interval and step % t.eval_interval == 0):
+                watchdog.step_begin(step)  # the eval gets its own limit
                 val_losses.append((step, self._evaluate_and_log(step, writer, tracker, bar)))
             interval = cfg.checkpoint.interval
             if interval and (step % interval == 0 or step == t.steps):
+                watchdog.step_begin(step)  # and so does the save
                 self.save_checkpoint()
+            watchdog.step_end()
         for callback in self.callbacks:
             callback.post_train(self, tracker)
         return TrainResult(self.run_dir, losses, val_losses)
@@ -247,6 +266,7 @@ class Trainer:
         """Checkpoint the state after ``self.step`` steps (every rank calls this). Weights that
         are not finite are never saved: ``NonFiniteError`` instead."""
         t = self.cfg.train
+        activity.set_phase("checkpoint save")
         bad_rank = self.pm.first_rank_with_nonfinite_weights()
         if bad_rank is not None:
             raise NonFiniteError(
@@ -281,6 +301,7 @@ class Trainer:
         path = checkpoint.find_latest(self.checkpoints_dir) if how == "auto" else Path(how)
         if path is None:
             return None
+        activity.set_phase("checkpoint load")
         state = checkpoint.native.read_train_state(path)
         same_layout = state.get("layout") == self._layout()
         checkpoint.load(path, self.state_module, self.optimizer, same_layout)
@@ -313,17 +334,24 @@ class Trainer:
             chunk.train()
         if self.schedule is None:
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
-            for inputs_BS, targets_BS in batches:
+            for i, (inputs_BS, targets_BS) in enumerate(batches):
+                activity.set_phase(f"forward micro-batch {i}")
                 loss = self._lm_loss(inputs_BS, targets_BS)
+                activity.set_phase(f"backward micro-batch {i}")
                 (loss * self.loss_scale).backward()
                 loss_sum += loss.detach()
             local_loss, local_micro = float(loss_sum), len(batches)
         else:
+            activity.set_phase("pipeline schedule")
             local_loss, local_micro = self._pipeline_step(batches)
+        activity.set_phase("gradient reduction")
         self.pm.finish_gradients()
+        activity.set_phase("grad norm")
         grad_norm = self.pm.clip_grad_norm(t.grad_clip if t.grad_clip > 0 else math.inf)
+        activity.set_phase("stats all-reduce")
         stats = self._step_stats(local_loss, local_micro)
         lr = self.optimizer.param_groups[0]["lr"]
+        activity.set_phase("optimizer")
         if self._update_is_finite(stats, grad_norm):
             self.optimizer.step()
             self.scheduler.step()
@@ -433,6 +461,7 @@ class Trainer:
         data-parallel rank evaluates all of them (identical results, no reduction; MoE
         all-to-alls need every rank of an EP group to run the same number of forwards)."""
         t = self.cfg.train
+        activity.set_phase("eval")
         for chunk in self.pm.chunks:
             chunk.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
@@ -456,6 +485,7 @@ class Trainer:
         self, step: int, stats: dict[str, Any], grad_norm: float, lr: float, seconds: float
     ) -> dict:
         tokens = self.cfg.train.global_batch_size * self.cfg.train.seq_len
+        activity.set_phase("log row")
         tokens_per_s = tokens / seconds
         world = self.ctx.dims.world_size
         row = {
