@@ -22,8 +22,9 @@ gradients would come out doubled — the bug class DeepSpeed, torchtitan and Meg
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,8 @@ from moetrain.parallel.tp import (
     sync_tp_partial_grads,
     tp_partial_params,
 )
+
+T = TypeVar("T", bound=Tensor)
 
 
 class PipelineChunk(nn.Module):
@@ -209,14 +212,22 @@ class ParallelModel:
         return self.chunks[0] if len(self.chunks) == 1 else nn.ModuleList(self.chunks)
 
     def parameters(self) -> list[nn.Parameter]:
-        seen: set[int] = set()
-        out = []
-        for chunk in self.chunks:
-            for p in chunk.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+        """This rank's parameters, each once (chunks may share modules)."""
+        return _unique(p for chunk in self.chunks for p in chunk.parameters())
+
+    def buffers(self) -> list[Tensor]:
+        """This rank's buffers, each once."""
+        return _unique(b for chunk in self.chunks for b in chunk.buffers())
+
+
+def _unique(tensors: Iterable[T]) -> list[T]:
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
 
 
 def _blocks(chunk: nn.Module) -> list[TransformerBlock]:

@@ -60,13 +60,7 @@ def state_bytes(pm: ParallelModel, cfg: Config) -> dict[str, dict[str, int]]:
         optim = _merge(_by_dtype(in_optim, copies=2), steps)
     else:
         optim = _by_dtype(in_optim) if cfg.optim.momentum > 0 else {}
-    seen: set[int] = set()
-    buffers = []
-    for chunk in pm.chunks:
-        for b in chunk.buffers():
-            if id(b) not in seen:
-                seen.add(id(b))
-                buffers.append(b)
+    buffers = pm.buffers()
     replicated = _replicated_grads(pm)
     grads = [p for p in in_optim if p.requires_grad and id(p) not in replicated]
     full = [p.full_tensor() for p in in_optim if id(p) in replicated]  # meta: shapes only
