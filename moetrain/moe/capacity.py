@@ -3,8 +3,9 @@
 Legend: T tokens, E experts, K top-k, C capacity per expert, A = T*K assignments.
 
 With ``capacity_factor`` set, each expert keeps at most ``C = max(ceil(cf * T * K / E),
-min_capacity)`` assignments; the rest are dropped (the token keeps its residual path and its
-other experts' outputs). Which ones are kept is the drop policy:
+min_capacity)`` assignments, computed in exact rational arithmetic (``expert_capacity``); the
+rest are dropped (the token keeps its residual path and its other experts' outputs). Which ones
+are kept is the drop policy:
 
 - ``probs``: each expert keeps its highest-weight assignments; ties go to the earlier token.
 - ``position``: each expert keeps the earliest tokens in flattened, sequence-major batch order.
@@ -13,6 +14,7 @@ other experts' outputs). Which ones are kept is the drop policy:
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -23,8 +25,19 @@ from moetrain.ops import expert_sort
 def expert_capacity(
     num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int
 ) -> int:
-    """``C = max(ceil(capacity_factor * T * K / E), min_capacity)``."""
-    return max(math.ceil(capacity_factor * num_tokens * top_k / num_experts), min_capacity)
+    """``C = max(ceil(capacity_factor * T * K / E), min_capacity)``, exactly.
+
+    The factor is taken as the decimal it prints as (``Fraction(str(capacity_factor))``): the
+    shortest decimal that round-trips to the float, which is the decimal the user wrote whenever
+    it has at most 15 significant digits. So ``1.1`` means 11/10, not the binary float just
+    above it, and ``T=25, K=2, E=5, cf=1.1`` gives ``ceil(11) = 11`` where float arithmetic
+    gives 12. (``limit_denominator`` would instead snap a factor like 0.3333333 to 1/3, a value
+    the user did not write.) The product and the ceiling are exact rationals, so the result
+    never depends on rounding for any T. ``int``, ``Decimal`` and ``Fraction`` factors are
+    taken exactly as well.
+    """
+    factor = Fraction(str(capacity_factor))
+    return max(math.ceil(factor * num_tokens * top_k / num_experts), min_capacity)
 
 
 def rank_within_expert(topk_ids_TK: Tensor, priority_TK: Tensor | None, num_experts: int) -> Tensor:

@@ -12,11 +12,10 @@ and ``aux_loss`` is the value the layer attaches through autograd.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from moetrain.moe.capacity import expert_capacity
 from moetrain.moe.experts import expert_mlp
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.router import RouterOutput
@@ -51,7 +50,7 @@ def _route(layer: MoELayer, x: Tensor, token_ids: Tensor | None):
     if cfg.capacity_factor is None:
         keep = [[True] * K for _ in range(T)]
     else:
-        C = max(math.ceil(cfg.capacity_factor * T * K / cfg.num_experts), cfg.min_capacity)
+        C = expert_capacity(T, cfg.num_experts, K, cfg.capacity_factor, cfg.min_capacity)
         keep = naive_keep(
             routed.topk_ids_TK, routed.topk_weights_TK, cfg.num_experts, C, cfg.drop_policy
         )

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 
 from moetrain.models.config import ModelConfig
+from moetrain.moe.capacity import expert_capacity
 
 FP32 = 4
 
@@ -128,7 +129,7 @@ def routed_rows(m: ModelConfig, lay: ActivationLayout) -> tuple[int, int]:
             computed = math.ceil(rows * (1 + lay.fssdp_slack))
         return rows, computed
     # capacity is computed from the whole micro-batch every TP rank routes
-    C = max(math.ceil(moe.capacity_factor * T * moe.top_k / moe.num_experts), moe.min_capacity)
+    C = expert_capacity(T, moe.num_experts, moe.top_k, moe.capacity_factor, moe.min_capacity)
     bound = moe.num_experts * C
     sent = bound if moe.pad_to_capacity else min(rows, bound)
     computed = bound if moe.pad_to_capacity or lay.ep > 1 else sent

@@ -1,3 +1,6 @@
+from decimal import Decimal
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -24,6 +27,54 @@ T, F = True, False
 )
 def test_expert_capacity(tokens, experts, top_k, cf, min_cap, want):
     assert expert_capacity(tokens, experts, top_k, cf, min_cap) == want
+
+
+def exact_capacity(tokens: int, experts: int, top_k: int, cf: str, min_cap: int) -> int:
+    """max(ceil(cf * T * K / E), min_cap) in integers, cf the decimal the user wrote."""
+    num, den = Fraction(cf).as_integer_ratio()
+    return max(-(-num * tokens * top_k // (den * experts)), min_cap)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "cf", "min_cap"),
+    [
+        (25, 5, 2, "1.1", 0),  # 11 exactly; cf * T * K / E in floats is 11.000000000000002
+        (25, 5, 2, "1.1", 12),  # the min_capacity floor still wins
+        (200, 4, 1, "1.1", 0),  # 55
+        (100, 4, 1, "2.2", 0),  # 55
+        (1_312_320, 256, 8, "1.1", 0),  # large T: 45111 exactly, 45112 in floats
+        (1_092_800, 64, 8, "0.07", 0),  # 9562 exactly, 9563 in floats
+        (16, 4, 2, "1.0", 0),  # exact multiples of factor 1.0
+        (1_048_576, 64, 8, "1.0", 0),
+        (4096, 128, 6, "1.0", 0),
+        (16, 4, 2, "1.25", 0),  # 10
+        (100, 8, 2, "1.25", 0),  # 31.25 -> 32
+        (30, 3, 1, "0.1", 0),  # 1 exactly
+        (31, 3, 1, "0.1", 0),  # 1.0333 -> 2
+        (7, 64, 1, "0.1", 0),  # tiny: 0.01 -> 1
+        (10**9, 256, 8, "1.3", 4),  # very large T: 40625000
+    ],
+)
+def test_expert_capacity_is_exact(tokens, experts, top_k, cf, min_cap):
+    want = exact_capacity(tokens, experts, top_k, cf, min_cap)
+    assert expert_capacity(tokens, experts, top_k, float(cf), min_cap) == want
+
+
+def test_expert_capacity_regression_t25():
+    assert expert_capacity(25, 5, 2, 1.1, 0) == 11
+
+
+@pytest.mark.parametrize("cf", ["0.07", "0.1", "0.55", "1.0", "1.1", "1.25", "1.35", "2.2"])
+def test_expert_capacity_grid_matches_rationals(cf):
+    for tokens in range(1, 400):
+        for experts, top_k in [(4, 1), (5, 2), (8, 2), (64, 8), (10, 6)]:
+            got = expert_capacity(tokens, experts, top_k, float(cf), 0)
+            assert got == exact_capacity(tokens, experts, top_k, cf, 0), (tokens, experts, top_k)
+
+
+@pytest.mark.parametrize("cf", [2, Fraction(11, 10), Decimal("1.1")])
+def test_expert_capacity_other_number_types(cf):
+    assert expert_capacity(25, 5, 2, cf, 0) == exact_capacity(25, 5, 2, str(cf), 0)
 
 
 # T=4 tokens, K=2, E=3. Expert 0 gets (t0 .6) (t1 .7) (t2 .5) (t3 .9); expert 1 gets
