@@ -19,22 +19,52 @@ import moetrain.config  # noqa: F401  (registers the structured config schema)
 from moetrain.config.schema import Config
 from moetrain.config.validate import validate
 from moetrain.train.metrics import bits_per_token
-from moetrain.train.trainer import NonFiniteError, Trainer
+from moetrain.train.nonfinite import NonFiniteError
+from moetrain.train.trainer import Trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
+def default_run_dir() -> Path:
+    """``runs/<torchrun run id>`` (shared by a launch's ranks and restarts), else
+    ``runs/<timestamp>-<pid>``."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return Path("runs") / (run_id if run_id != "none" else stamp)
+
+
+def sweep_dir(run_dir: str | None) -> str:
+    """``hydra.sweep.dir`` of a multirun (``-m``): ``run.dir`` when set, else the default run
+    dir, so the sweep's ``multirun.yaml`` and its jobs' dirs share one parent. Registered as
+    the ``moetrain.sweep_dir`` resolver with caching, so every job of a sweep sees one value."""
+    return run_dir if run_dir else str(default_run_dir())
+
+
+OmegaConf.register_new_resolver("moetrain.sweep_dir", sweep_dir, use_cache=True, replace=True)
+
+
+def multirun_job_dir() -> Path | None:
+    """Under ``-m``, this job's own directory ``<hydra.sweep.dir>/<hydra.sweep.subdir>``
+    (``<run.dir or default run dir>/<job number>``); None outside a Hydra multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hc.sweep.dir) / str(hc.sweep.subdir)
+
+
 def resolve_run_dir(cfg: Config) -> Path:
-    """``run.dir``, else ``runs/<torchrun run id>`` (shared by a launch's ranks and restarts),
-    else ``runs/<timestamp>-<pid>``. A directory that already holds a run is refused unless it
+    """``run.dir``, else ``default_run_dir()``; in a Hydra multirun, each job's own
+    ``<that dir>/<job number>``. A directory that already holds a run is refused unless it
     has checkpoints to resume from (``checkpoint.resume``): nothing of an earlier run is
     overwritten."""
-    if cfg.run.dir:
-        path = Path(cfg.run.dir)
-    else:
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        path = Path("runs") / (run_id if run_id != "none" else stamp)
+    path = multirun_job_dir()
+    if path is None:
+        path = Path(cfg.run.dir) if cfg.run.dir else default_run_dir()
     resumable = cfg.checkpoint.resume != "never" and any(
         p.is_dir() and p.name.isdigit() for p in (path / "checkpoints").glob("*")
     )

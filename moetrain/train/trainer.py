@@ -50,14 +50,10 @@ from moetrain.train.metrics import (
     console_line,
     peak_flops_per_device,
 )
+from moetrain.train.nonfinite import NonFiniteError, NonFiniteGuard
 from moetrain.train.optim import build_optimizer
 from moetrain.train.tracking import Tracker
 from moetrain.train.watchdog import Watchdog
-
-
-class NonFiniteError(RuntimeError):
-    """Training met a non-finite loss, gradient norm or weights (``train.nonfinite``); the
-    message is the one line a user sees. Every rank raises it at the same step."""
 
 
 @dataclass
@@ -111,7 +107,7 @@ class Trainer:
                 t.seq_len,
             )
         self.step = 0  # optimizer steps taken (restored on resume)
-        self.skipped_steps = self.consecutive_skips = 0  # train.nonfinite=skip
+        self.nonfinite = NonFiniteGuard(t.nonfinite, t.max_skipped_steps, self.ctx.is_logging_rank)
         self._nonfinite_ranks: list[int | None] = [None, None]
         self.wandb_run_id: str | None = None
         self.resumed_from: Path | None = None
@@ -352,46 +348,15 @@ class Trainer:
         stats = self._step_stats(local_loss, local_micro)
         lr = self.optimizer.param_groups[0]["lr"]
         activity.set_phase("optimizer")
-        if self._update_is_finite(stats, grad_norm):
+        if self.nonfinite.update_allowed(self.step + 1, stats, grad_norm, self._nonfinite_ranks):
             self.optimizer.step()
             self.scheduler.step()
             self.pm.update_expert_bias()
+        else:  # skipped: the routers forget the loads they recorded for it
+            self.pm.discard_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return stats, grad_norm, lr
-
-    def _update_is_finite(self, stats: dict[str, Any], grad_norm: float) -> bool:
-        """False when this step must be skipped; raises ``NonFiniteError`` when the run must
-        stop. Every rank decides alike: the loss and the flags come from the step's reduction,
-        the norm from the global all-reduce."""
-        t, step = self.cfg.train, self.step + 1
-        bad = None
-        if not math.isfinite(stats["loss"]):
-            bad = ("loss", stats["loss"], self._nonfinite_ranks[0])
-        elif not math.isfinite(grad_norm):
-            bad = ("grad norm", grad_norm, self._nonfinite_ranks[1])
-        if t.nonfinite == "skip":
-            stats["skipped_steps"] = self.skipped_steps + (bad is not None)
-        if bad is None:
-            self.consecutive_skips = 0
-            return True
-        what, value, rank = bad
-        where = f"first seen on rank {rank}" if rank is not None else "on a tensor-parallel peer"
-        line = f"step {step}: non-finite {what} ({value}) {where}"
-        if t.nonfinite == "skip" and self.consecutive_skips < t.max_skipped_steps:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            self.pm.discard_step()
-            if self.ctx.is_logging_rank:
-                print(f"moetrain: {line}; update skipped (train.nonfinite=skip)", flush=True)
-            return False
-        if t.nonfinite == "skip":
-            line += f" after {self.consecutive_skips} consecutive skipped steps"
-        raise NonFiniteError(
-            f"{line}; stopped with no update or checkpoint after step {step - 1} "
-            "(train.nonfinite=" + t.nonfinite + "); lower optim.lr, keep train.grad_clip on, "
-            "or set train.nonfinite=skip"
-        )
 
     def _pipeline_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
         """Run the schedule over this rank's micro-batches; the loss lives on the last stage."""

@@ -47,7 +47,8 @@ def run_with_nan(
     from moetrain.config.validate import parallel_dims
     from moetrain.parallel.context import init_parallel
     from moetrain.testing.layouts import layout_config
-    from moetrain.train.trainer import NonFiniteError, Trainer
+    from moetrain.train.nonfinite import NonFiniteError
+    from moetrain.train.trainer import Trainer
 
     del rank
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
+from moetrain.testing.layouts import small_run_command, write_token_dir
 from moetrain.train.cli import compose_config, setup
 
 SMOKE = ["experiment=smoke"]
@@ -176,3 +178,26 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     expect_setup_error(tmp_path, [], "run.dir", "already holds a run")
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("run_dir_set", [True, False], ids=["run_dir", "default_dir"])
+def test_multirun_gives_each_job_its_own_run_dir(tmp_path, run_dir_set):
+    data_dir = write_token_dir(str(tmp_path / "tokens"))
+    sweep = tmp_path / "sweep"
+    cmd = small_run_command(data_dir, sweep, "train.steps=1,2")
+    cmd.insert(cmd.index("moetrain.train") + 1, "-m")  # Hydra's flags precede the overrides
+    if not run_dir_set:
+        cmd.append("run.dir=null")  # later overrides win: each job gets a default dir
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if not run_dir_set:
+        (sweep,) = (tmp_path / "runs").iterdir()  # one default dir for the whole sweep
+    assert (sweep / "multirun.yaml").exists()
+    for job, steps in [(0, [1]), (1, [1, 2])]:
+        job_dir = sweep / str(job)
+        assert [r["step"] for r in read_rows(job_dir) if "loss" in r] == steps
+        saved = OmegaConf.load(job_dir / "config.yaml")
+        assert (tmp_path / saved.run.dir).resolve() == job_dir.resolve()  # relative to cwd
+    assert {p.name for p in tmp_path.iterdir()} == {"tokens", "sweep" if run_dir_set else "runs"}
