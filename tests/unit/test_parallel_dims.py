@@ -8,7 +8,7 @@ from moetrain.parallel import LayoutError, ParallelDims
 
 
 def test_design_examples():
-    # DESIGN.md: world 4, ep=2 alone -> dp_shard=4, ep=2, edp=2
+    # docs/design.md: world 4, ep=2 alone -> dp_shard=4, ep=2, edp=2
     d = ParallelDims(world_size=4, ep=2)
     assert (d.dp_shard, d.ep, d.edp, d.dp) == (4, 2, 2, 4)
     # tp=2 ep=2 -> dp_shard=2; etp=1: edp=2; etp=2: edp=1
