@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moetrain.moe.noise import TokenNoise
 from moetrain.moe.router import Router, RouterOutput
 
 SKEWS = ("uniform", "zipf1.0", "zipf1.5", "hot")
@@ -70,8 +71,15 @@ class SkewedRouter(Router):
     def reset_parameters(self, std: float = 0.02) -> None:
         self.inner.reset_parameters(std)
 
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
-        out = self.inner(x_TD, token_ids_T)
+    draws_noise = True  # passed on to the wrapped router (e.g. its jitter)
+
+    def forward(
+        self, x_TD: Tensor, token_ids_T: Tensor | None = None, noise: TokenNoise | None = None
+    ) -> RouterOutput:
+        inner = self.inner
+        out = (
+            inner(x_TD, token_ids_T, noise=noise) if inner.draws_noise else inner(x_TD, token_ids_T)
+        )
         if out.probs_TE is None:
             raise ValueError("SkewedRouter needs a learned router (probabilities)")
         T, E = out.probs_TE.shape

@@ -28,7 +28,7 @@ def load_balancing_loss(
     coeff: float,
     scope: str = "micro_batch",
     seq_len: int | None = None,
-    reduce_counts: CountReduce | None = None,
+    counts_E: Tensor | None = None,
 ) -> Tensor:
     """Switch/GShard balance loss ``coeff * E * sum_i f_i * P_i``.
 
@@ -38,8 +38,9 @@ def load_balancing_loss(
     - ``micro_batch``: f and P over the T tokens of this call.
     - ``sequence``: f and P per sequence of ``seq_len`` tokens (rows of T are sequence-major),
       then averaged over the sequences (DeepSeek-V3's sequence-wise loss).
-    - ``global``: counts go through ``reduce_counts`` (summed over data-parallel ranks in a
-      distributed run; identity in one process) before f is formed; P stays local.
+    - ``global``: f from ``counts_E`` when given (the layer passes the step's running sum of
+      counts over its micro-batches so far and over data-parallel ranks, Megatron-Core's
+      global-batch balancing), else from this call's counts; P stays this call's mean.
     """
     E = probs_TE.shape[-1]
     if scope == "sequence":
@@ -56,9 +57,8 @@ def load_balancing_loss(
         f_BE = counts_BE / ids_BA.shape[1]
         P_BE = probs_TE.reshape(B, seq_len, E).mean(1)
         return coeff * E * (f_BE * P_BE).sum(-1).mean()
-    counts_E = expert_counts(topk_ids_TK, E)
-    if scope == "global" and reduce_counts is not None:
-        counts_E = reduce_counts(counts_E)
+    if scope != "global" or counts_E is None:
+        counts_E = expert_counts(topk_ids_TK, E)
     f_E = counts_E / counts_E.sum().clamp(min=1)
     P_E = probs_TE.mean(0)
     return coeff * E * (f_E * P_E).sum()

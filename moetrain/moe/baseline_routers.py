@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from moetrain.moe import noise as noise_streams
+from moetrain.moe.noise import TokenNoise
 from moetrain.moe.router import Router, RouterOutput
 
 if TYPE_CHECKING:
@@ -20,12 +22,20 @@ if TYPE_CHECKING:
 
 
 class RandomRouter(Router):
-    """K distinct experts drawn uniformly per token (from the global torch RNG), weights 1/K."""
+    """K distinct experts drawn uniformly per token, weights 1/K: the K largest of E
+    counter-keyed uniforms (:mod:`moetrain.moe.noise`), so a token's experts depend on its key
+    (seed, step, layer, global position) only, not on the layout or torch's RNG."""
 
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
+    draws_noise = True
+
+    def forward(
+        self, x_TD: Tensor, token_ids_T: Tensor | None = None, noise: TokenNoise | None = None
+    ) -> RouterOutput:
         T, E, K = x_TD.shape[0], self.cfg.num_experts, self.cfg.top_k
-        draws_TE = torch.rand(T, E, device=x_TD.device)
-        topk_ids_TK = draws_TE.topk(K, dim=-1).indices
+        noise = TokenNoise.local(T, x_TD.device) if noise is None else noise
+        draws_TE = noise.uniform(noise_streams.RANDOM_ROUTER, E)
+        # ties (24-bit draws) go to the lower expert index: a stable sort
+        topk_ids_TK = torch.sort(draws_TE, dim=-1, descending=True, stable=True).indices[:, :K]
         return RouterOutput(topk_ids_TK, _equal_weights(T, K, self.cfg, x_TD.device))
 
 
@@ -38,7 +48,9 @@ class HashRouter(Router):
 
     needs_token_ids = True
 
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
+    def forward(
+        self, x_TD: Tensor, token_ids_T: Tensor | None = None, noise: TokenNoise | None = None
+    ) -> RouterOutput:
         if token_ids_T is None:
             raise ValueError(
                 "model.moe.router_type='hash' needs the token ids: call layer(x, token_ids=ids)"

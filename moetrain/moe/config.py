@@ -16,6 +16,7 @@ ACTIVATIONS = ("swiglu", "gelu")
 DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
 AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global")
+BIAS_LOADS = ("assigned", "kept")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class MoEConfig:
     router_jitter: float = 0.0
     router_type: str = "learned"  # a key of moetrain.moe.router_registry.ROUTERS
     bias_update_rate: Optional[float] = None
+    bias_load: str = "assigned"  # what aux-loss-free balancing counts: assigned | kept tokens
     # auxiliary losses
     aux_loss_coeff: float = 0.01
     aux_loss_coeff_per_layer: Optional[List[float]] = field(default=None)
@@ -68,6 +70,7 @@ class MoEConfig:
         _choice(self, "score_func", SCORE_FUNCS)
         _choice(self, "router_type", tuple(ROUTERS))
         _choice(self, "aux_loss_scope", AUX_LOSS_SCOPES)
+        _choice(self, "bias_load", BIAS_LOADS)
         if self.top_k > self.num_experts:
             _fail("top_k", f"{self.top_k} exceeds num_experts={self.num_experts}; lower top_k")
         self._validate_groups()

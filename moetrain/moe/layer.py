@@ -32,6 +32,7 @@ from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.router import Router, RouterOutput
 from moetrain.moe.router_registry import build_router
 from moetrain.moe.shared_experts import SharedExperts
+from moetrain.moe.step_state import RoutingStep
 
 
 @dataclass
@@ -96,8 +97,10 @@ class MoELayer(nn.Module):
     Attributes set from outside: ``dispatcher`` (expert-parallel dispatchers replace the local
     one; the layer calls its ``run`` with the experts and the shared experts),
     ``reduce_global_counts`` (sums expert counts over data-parallel ranks for the global
-    aux-loss scope; None = this process only), ``aux_loss_scale`` (gradient scale of the aux
-    losses, e.g. 1/number of accumulation micro-batches), ``sequence_parallel`` (tensor
+    aux-loss scope; None = this process only), ``routing_step`` (the step's call numbering,
+    noise keys and global-scope running counts: :class:`moetrain.moe.step_state.RoutingStep`;
+    call :meth:`start_step` before each optimizer step), ``aux_loss_scale`` (gradient scale of
+    the aux losses, e.g. 1/number of accumulation micro-batches), ``sequence_parallel`` (tensor
     parallelism, see :class:`SequenceParallel`).
 
     When ``stats_log`` is a list (the trainer sets one and drains it once per step), every
@@ -116,6 +119,7 @@ class MoELayer(nn.Module):
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
         self.dispatcher: Dispatcher = TokenDispatcher(cfg.num_experts)
         self.reduce_global_counts: CountReduce | None = None
+        self.routing_step = RoutingStep()
         self.aux_loss_scale = 1.0
         self.sequence_parallel: SequenceParallel | None = None
         self.last_stats: MoEStats | None = None
@@ -127,6 +131,11 @@ class MoELayer(nn.Module):
         self.experts.reset_parameters(std=std, out_std=out_std)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(std=std, out_std=out_std)
+
+    def start_step(self, step: int) -> None:
+        """Begin optimizer step ``step`` (0-based), or an evaluation after ``step`` steps: the
+        routing noise is keyed by it, and the global aux-loss scope's running counts restart."""
+        self.routing_step.start(step)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         cfg = self.cfg
@@ -147,12 +156,20 @@ class MoELayer(nn.Module):
             x = sp.gather(x)
         seq_len = x.shape[-2] if x.dim() == 3 else None
         x_TD = x.reshape(-1, cfg.dim)
-        routed = self.router(x_TD, token_ids)
-        record = self.training and not recomputing()
-        if record:
-            self.router.record_load(routed.topk_ids_TK)
+        recompute = recomputing()
+        call = self.routing_step.next_call(self.training, recompute)
+        if self.router.draws_noise:
+            noise = self.routing_step.noise(call, self.training, self.layer_idx or 0, x)
+            routed = self.router(x_TD, token_ids, noise=noise)
+        else:
+            routed = self.router(x_TD, token_ids)
+        record = self.training and not recompute
         keep_TK, capacity = self._apply_capacity(routed)
-        lb_loss, zl = self._aux_losses(routed, seq_len)
+        if record:  # aux-loss-free balancing counts assignments, or kept ones (bias_load)
+            ids = routed.topk_ids_TK
+            kept_only = keep_TK is not None and cfg.bias_load == "kept"
+            self.router.record_load(ids[keep_TK] if kept_only else ids)
+        lb_loss, zl = self._aux_losses(routed, seq_len, call, recompute)
         routing = Routing(
             routed.topk_ids_TK,
             routed.topk_weights_TK,
@@ -213,20 +230,31 @@ class MoELayer(nn.Module):
         )
         return keep_TK, C
 
-    def _aux_losses(self, routed: RouterOutput, seq_len: int | None) -> tuple[Tensor, Tensor]:
+    def _aux_losses(
+        self, routed: RouterOutput, seq_len: int | None, call: int, recompute: bool
+    ) -> tuple[Tensor, Tensor]:
         cfg = self.cfg
         zero = routed.topk_weights_TK.new_zeros(())
         lb_loss = zl = zero
         if routed.probs_TE is None or routed.logits_TE is None:
             return lb_loss, zl
         if self.aux_coeff > 0:
+            counts_E = None
+            if cfg.aux_loss_scope == "global":
+                counts_E = self.routing_step.global_counts(
+                    expert_counts(routed.topk_ids_TK.detach(), cfg.num_experts),
+                    call,
+                    self.training,
+                    recompute,
+                    self.reduce_global_counts,
+                )
             lb_loss = load_balancing_loss(
                 routed.probs_TE,
                 routed.topk_ids_TK,
                 self.aux_coeff,
                 scope=cfg.aux_loss_scope,
                 seq_len=seq_len,
-                reduce_counts=self.reduce_global_counts,
+                counts_E=counts_E,
             )
         if cfg.z_loss_coeff > 0:
             zl = z_loss(routed.logits_TE, cfg.z_loss_coeff)

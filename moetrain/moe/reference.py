@@ -45,7 +45,11 @@ def naive_keep(
 def _route(layer: MoELayer, x: Tensor, token_ids: Tensor | None):
     cfg = layer.cfg
     x_TD = x.reshape(-1, cfg.dim)
-    routed: RouterOutput = layer.router(x_TD, token_ids)
+    noise = layer.routing_step.last_noise  # the draws of the layer's latest call, if any
+    if layer.router.draws_noise and noise is not None:
+        routed: RouterOutput = layer.router(x_TD, token_ids, noise=noise)
+    else:
+        routed = layer.router(x_TD, token_ids)
     T, K = routed.topk_ids_TK.shape
     if cfg.capacity_factor is None:
         keep = [[True] * K for _ in range(T)]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import Tensor, nn
 
 from moetrain.moe.aux_losses import CountReduce
+from moetrain.moe.noise import TokenNoise
 
 if TYPE_CHECKING:
     from moetrain.moe.config import MoEConfig
@@ -48,10 +49,13 @@ class Router(nn.Module, ABC):
     Class attributes read by config validation (defaults: a plain router):
     ``needs_token_ids`` — routes by token id (so only where the ids reach the layer, e.g. not on
     later pipeline stages); ``uses_expert_bias`` — supports ``bias_update_rate`` (aux-loss-free
-    balancing); ``supports_groups`` — supports group-limited routing (``num_groups > 1``).
+    balancing); ``supports_groups`` — supports group-limited routing (``num_groups > 1``);
+    ``draws_noise`` — stochastic: the layer passes ``noise=`` to :meth:`forward` (routers
+    without it may keep the two-argument signature).
     """
 
     needs_token_ids: ClassVar[bool] = False
+    draws_noise: ClassVar[bool] = False
     uses_expert_bias: ClassVar[bool] = False
     supports_groups: ClassVar[bool] = False
 
@@ -60,11 +64,17 @@ class Router(nn.Module, ABC):
         self.cfg = cfg
 
     @abstractmethod
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
+    def forward(
+        self, x_TD: Tensor, token_ids_T: Tensor | None = None, noise: TokenNoise | None = None
+    ) -> RouterOutput:
         """Route T tokens: K distinct expert ids per token and their combine weights.
 
         ``token_ids_T`` (any shape with T entries) is None where the caller has no token ids;
-        a router that needs them raises ``ValueError``. Calling the router records nothing.
+        a router that needs them raises ``ValueError``. ``noise`` gives the counter-keyed draws
+        of these tokens (:mod:`moetrain.moe.noise`; the layer passes the step's key); a
+        stochastic router must draw only from it, never from torch's RNG, so that every layout
+        draws the same noise for the same token. None: ``TokenNoise.local`` (seed 0, step 0,
+        positions 0..T-1). Calling the router records nothing.
         """
 
     def reset_parameters(self, std: float = 0.02) -> None:

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moetrain.moe import noise as noise_streams
 from moetrain.moe.aux_losses import CountReduce
+from moetrain.moe.noise import TokenNoise
 from moetrain.moe.router import Router, RouterOutput
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ class TopKRouter(Router):
 
     uses_expert_bias = True
     supports_groups = True
+    draws_noise = True  # router_jitter
 
     expert_bias_E: Tensor
     step_load_E: Tensor
@@ -51,17 +54,21 @@ class TopKRouter(Router):
         self.expert_bias_E.zero_()
         self.step_load_E.zero_()
 
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RouterOutput:
+    def forward(
+        self, x_TD: Tensor, token_ids_T: Tensor | None = None, noise: TokenNoise | None = None
+    ) -> RouterOutput:
         # fp32 router math even under autocast (which would run F.linear in bf16)
         with torch.autocast(x_TD.device.type, enabled=False):
-            return self._route(x_TD)
+            return self._route(x_TD, noise)
 
-    def _route(self, x_TD: Tensor) -> RouterOutput:
+    def _route(self, x_TD: Tensor, noise: TokenNoise | None) -> RouterOutput:
         cfg = self.cfg
         x = x_TD.float()
         if self.training and cfg.router_jitter > 0:
-            noise = torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
-            x = x * noise
+            # Switch's multiplicative jitter, uniform in [1 - eps, 1 + eps], counter-keyed
+            noise = TokenNoise.local(x.shape[0], x.device) if noise is None else noise
+            u_TD = noise.uniform(noise_streams.JITTER, x.shape[1])
+            x = x * (1 - cfg.router_jitter + 2 * cfg.router_jitter * u_TD)
         logits_TE = F.linear(x, self.weight_ED.float())
         scores_TE = self._scores(logits_TE)
         choice_TE = scores_TE.detach()

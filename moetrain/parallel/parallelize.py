@@ -137,15 +137,25 @@ class ParallelModel:
             state.output.weight = state.tok_embeddings.weight  # type: ignore[union-attr]
         init_module(state, specs, seed)
 
-    def prepare_training(self, aux_loss_scale: float) -> None:
+    def prepare_training(self, aux_loss_scale: float, seed: int = 0) -> None:
         """Every MoE layer scales its aux-loss gradients by ``aux_loss_scale`` (1 / micro-batches
-        in the global batch) and, with data parallelism, sums its global-scope expert counts
-        over the data-parallel ranks."""
+        in the global batch), keys its routing noise by ``seed`` and by where this rank's
+        micro-batches sit in the global batch, and, with data parallelism, sums its global-scope
+        expert counts over the data-parallel ranks."""
         ctx = self.ctx
         for layer in self.moe_layers:
             layer.aux_loss_scale = aux_loss_scale
+            step = layer.routing_step
+            step.seed, step.data_rank, step.data_ranks = seed, ctx.dp_rank, ctx.dims.dp
             if ctx.distributed and ctx.dims.dp > 1:
                 layer.reduce_global_counts = ctx.reduce_over_dp
+
+    def start_step(self, step: int) -> None:
+        """Before optimizer step ``step``'s first forward (0-based), or before an evaluation
+        after ``step`` steps: the MoE layers number their calls, key their noise and restart the
+        global aux-loss scope's running counts from here."""
+        for layer in self.moe_layers:
+            layer.start_step(step)
 
     def finish_gradients(self) -> None:
         """After the last backward of a step: the placement's own expert-gradient reduction,

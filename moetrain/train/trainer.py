@@ -161,7 +161,7 @@ class Trainer:
         self.num_moe_layers = cfg.model.num_moe_layers
         self.num_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
         self.loss_scale = 1.0 / self.num_micro
-        self.pm.prepare_training(aux_loss_scale=self.loss_scale)
+        self.pm.prepare_training(aux_loss_scale=self.loss_scale, seed=t.seed)
         self.state_module = self.pm.state_module()
         if cfg.checkpoint.init_from:  # weights only; a fresh run otherwise
             checkpoint.load_weights(Path(cfg.checkpoint.init_from), self.state_module, cfg.model)
@@ -328,6 +328,7 @@ class Trainer:
         ]
         for chunk in self.pm.chunks:
             chunk.train()
+        self.pm.start_step(self.step)
         if self.schedule is None:
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
             for i, (inputs_BS, targets_BS) in enumerate(batches):
@@ -429,6 +430,7 @@ class Trainer:
         activity.set_phase("eval")
         for chunk in self.pm.chunks:
             chunk.eval()
+        self.pm.start_step(self.step)
         total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         batches = self.val_data.fixed_batches(t.eval_batches, t.micro_batch_size)
         for inputs_BS, targets_BS in batches:

@@ -52,6 +52,30 @@ def test_reshard(pair, data_dir, tmp_path):
     assert resumed["aux_loss"] == pytest.approx(saved["aux_loss"][2:], rel=1e-5)
 
 
+STOCHASTIC_PAIRS = {
+    "jitter_dp2_to_tp2": (["model.moe.router_jitter=0.1"], (2, []), (2, ["parallel.tp=2"])),
+    "random_tp2_ep2_to_pp2": (
+        ["model.moe.router_type=random", "model.moe.z_loss_coeff=0.0"],
+        (4, ["parallel.tp=2", "parallel.ep=2"]),
+        (2, ["parallel.pp=2"]),
+    ),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pair", list(STOCHASTIC_PAIRS))
+def test_stochastic_routing_resumes_at_another_layout(pair, data_dir, tmp_path):
+    """Routing noise is keyed by (seed, step, layer, token position), not RNG state: a run
+    resumed at another layout draws what the saving run drew (tensor-parallel ranks agree)."""
+    router, (world_a, layout_a), (world_b, layout_b) = STOCHASTIC_PAIRS[pair]
+    saved = run(world_a, data_dir, [*ADAMW, *router, *layout_a], 4, str(tmp_path / "a"), at=2)
+    ckpt = tmp_path / "a" / "checkpoints" / "00000002"
+    overrides = [*ADAMW, *router, *layout_b, f"checkpoint.resume={ckpt}"]
+    resumed = run(world_b, data_dir, overrides, 2, str(tmp_path / "b"))
+    assert resumed["loss"] == pytest.approx(saved["loss"][2:], rel=1e-5)
+    assert resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
+
+
 FSSDP = ["parallel.expert_sharding=fssdp"]
 
 

@@ -136,10 +136,12 @@ def test_capacity_factor_is_per_rank_local_tokens(data_dir, world, layout):
     assert_matches(results, ref)
 
 
-def union_counts_reference(trainer) -> None:
-    """Single-process reference for aux_loss_scope=global at dp=2: each micro-batch's f is
-    formed from the expert counts of itself and its data-parallel partner (micro-batches
-    2j and 2j+1 run on ranks 0 and 1 at accumulation step j)."""
+def running_union_counts_reference(trainer) -> None:
+    """Single-process reference for aux_loss_scope=global at dp=2, written out independently:
+    micro-batches 2j and 2j+1 run on ranks 0 and 1 at accumulation step j, and micro-batch k's
+    f is formed from the running sum, over steps j' <= k // 2, of both ranks' counts. The layer
+    adds what ``reduce_global_counts`` returns to its running sum, so the hook returns the pair's
+    union counts at even k and zeros at odd k."""
     original = trainer.train_batches.next_global_batch
     layers = trainer.moe_layers
 
@@ -151,8 +153,11 @@ def union_counts_reference(trainer) -> None:
                 trainer.model(inputs)
                 counts.append([layer.last_stats.tokens_per_expert_E.clone() for layer in layers])
         for i, layer in enumerate(layers):
-            unions = [counts[k][i] + counts[k ^ 1][i] for k in range(len(batches))]
-            layer.reduce_global_counts = lambda c, q=unions: q.pop(0) if q else c  # eval: local
+            adds = [
+                counts[k][i] + counts[k + 1][i] if k % 2 == 0 else torch.zeros_like(counts[k][i])
+                for k in range(len(batches))
+            ]
+            layer.reduce_global_counts = lambda c, q=adds: q.pop(0) if q else c  # eval: local
         for layer in layers:
             assert layer.stats_log is not None
             layer.stats_log.clear()  # the counting forwards are not training calls
@@ -162,13 +167,41 @@ def union_counts_reference(trainer) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_global_aux_scope_fsdp2_uses_the_union_of_micro_batches(data_dir):
+def test_global_aux_scope_fsdp2_is_the_running_union_of_micro_batches(data_dir):
     overrides = ["model.moe.aux_loss_scope=global"]
-    ref = train_steps(data_dir, overrides, prepare=union_counts_reference)
+    ref = train_steps(data_dir, overrides, prepare=running_union_counts_reference)
     local = reference(data_dir, [])  # micro-batch scope: a different loss, so the test can fail
     assert ref["aux_loss"] != pytest.approx(local["aux_loss"], rel=1e-5)
     results = run_distributed(train_steps_rank, 2, data_dir, overrides, 3, timeout=200)
     assert_matches(results, ref)
+
+
+# --- stochastic routing: counter-keyed noise keeps the contract ------------------------------
+
+STOCHASTIC = {
+    "jitter": ["model.moe.router_jitter=0.1"],
+    "random": ["model.moe.router_type=random", "model.moe.z_loss_coeff=0.0"],
+}
+
+
+@pytest.mark.parametrize("router", list(STOCHASTIC))
+def test_stochastic_routing_changes_the_run(router, data_dir):
+    """The noise is live in the configuration the matrix below uses (so its rows can fail)."""
+    ref = reference(data_dir, STOCHASTIC[router])
+    assert ref["loss"][1:] != pytest.approx(reference(data_dir, [])["loss"][1:], rel=1e-5)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", ["fsdp2", "ep2", "tp2", "tp2_ep2_etp1", "pp2_1f1b"])
+@pytest.mark.parametrize("router", list(STOCHASTIC))
+def test_stochastic_routing_at_every_layout(router, layout, data_dir):
+    """Jitter and the random router draw each token's noise from (seed, step, layer, global
+    token position): every layout draws what the single process draws."""
+    world, overrides = LAYOUTS[layout]
+    results = run_distributed(
+        train_steps_rank, world, data_dir, [*STOCHASTIC[router], *overrides], 3, timeout=200
+    )
+    assert_matches(results, reference(data_dir, STOCHASTIC[router]))
 
 
 @pytest.mark.timeout(240)

@@ -86,6 +86,21 @@ def test_torchrun_4_processes_logs_single_process_losses(layout, data_dir, singl
     assert got == pytest.approx(single_losses, rel=1e-5)
 
 
+@pytest.mark.timeout(300)
+def test_torchrun_dp2_with_router_jitter_logs_single_process_losses(data_dir, tmp_path):
+    """Router jitter at dp=2 (each rank its own micro-batches): the noise is keyed by each
+    token's place in the global batch, so the run logs the single-process losses."""
+    jitter = [*common(data_dir), "model.moe.router_jitter=0.1"]
+    single_dir, dp2_dir = tmp_path / "single", tmp_path / "dp2"
+    _, _, trainer = setup(compose_config([*jitter, f"run.dir={single_dir}"]))
+    trainer.run()
+    proc = torchrun(2, [*jitter, f"run.dir={dp2_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    want = losses(single_dir)
+    assert len(want) == 3
+    assert losses(dp2_dir) == pytest.approx(want, rel=1e-5)
+
+
 @pytest.mark.timeout(120)
 def test_bad_layout_under_torchrun_is_one_line(data_dir, tmp_path):
     proc = torchrun(2, [*common(data_dir), "parallel.ep=3"], cwd=tmp_path)

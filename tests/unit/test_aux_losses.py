@@ -33,8 +33,8 @@ def test_micro_batch_hand_example():
     torch.testing.assert_close(grad, want)
 
 
-def test_micro_batch_ignores_reduce_counts():
-    loss = load_balancing_loss(PROBS, IDS, 0.1, reduce_counts=lambda c: c * 0 + 1)
+def test_micro_batch_ignores_given_counts():
+    loss = load_balancing_loss(PROBS, IDS, 0.1, counts_E=torch.ones(3))
     torch.testing.assert_close(loss, torch.tensor(0.10125))
 
 
@@ -68,12 +68,10 @@ def test_sequence_scope_needs_sequences():
         MoELayer(cfg)(torch.randn(6, 8))
 
 
-def test_global_scope_with_reduce_counts():
+def test_global_scope_with_given_counts():
     other_ids = torch.tensor([[2, 1], [2, 0]])  # another rank's counts [1, 1, 2]
-    other_counts = torch.tensor([1.0, 1.0, 2.0])
-    loss = load_balancing_loss(
-        PROBS, IDS, 0.1, scope="global", reduce_counts=lambda c: c + other_counts
-    )
+    union_counts = torch.tensor([3.0, 3.0, 2.0]) + torch.tensor([1.0, 1.0, 2.0])
+    loss = load_balancing_loss(PROBS, IDS, 0.1, scope="global", counts_E=union_counts)
     # union counts [4, 4, 4]: f = 1/3 each; P local = [.375, .325, .3] sums to 1
     torch.testing.assert_close(loss, torch.tensor(0.1))
     # the same through the generic formula: f over both batches, P over the local one
@@ -84,7 +82,7 @@ def test_global_scope_with_reduce_counts():
     torch.testing.assert_close(loss, want)
 
 
-def test_global_scope_without_reduce_is_micro_batch():
+def test_global_scope_without_counts_is_micro_batch():
     loss = load_balancing_loss(PROBS, IDS, 0.1, scope="global")
     torch.testing.assert_close(loss, torch.tensor(0.10125))
 

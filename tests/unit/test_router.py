@@ -4,6 +4,7 @@ Most cases use D = E and an identity router weight, so a token's logits are the 
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from moetrain.moe.baseline_routers import HashRouter, RandomRouter
 from moetrain.moe.config import MoEConfig
 from moetrain.moe.layer import MoELayer
+from moetrain.moe.noise import NoiseKey, TokenNoise
 from moetrain.moe.topk_router import TopKRouter
 
 
@@ -238,12 +240,34 @@ def test_jitter_only_in_training():
     a, b = router(x), router(x)
     assert torch.equal(a.logits_TE, x) and torch.equal(b.logits_TE, x)
     router.train()
-    c, d = router(x), router(x)
-    assert not torch.equal(c.logits_TE, d.logits_TE)
+    c = router(x)
+    assert not torch.equal(c.logits_TE, x)
     # multiplicative noise in [1 - 0.5, 1 + 0.5]
     ratio = c.logits_TE / x
     assert ratio.min() >= 0.5 and ratio.max() <= 1.5
     assert ratio.std() > 0.1
+
+
+def test_jitter_is_a_function_of_the_key():
+    """The noise is keyed by (seed, step, layer, token position), not drawn from torch's RNG:
+    the same key gives the same noise whatever the RNG state; another step, seed, layer or
+    position gives other noise; and each token's noise depends on its own position only."""
+    router = identity_router(router_jitter=0.5).train()
+    x = torch.rand(16, 4) + 0.5
+    key = NoiseKey(seed=3, step=5, layer=1)
+    noise = TokenNoise(key, torch.arange(100, 116))
+    torch.manual_seed(0)
+    a = router(x, noise=noise).logits_TE
+    torch.manual_seed(1)
+    assert torch.equal(router(x, noise=noise).logits_TE, a)
+    for other in (replace(key, step=6), replace(key, seed=4), replace(key, layer=2)):
+        assert not torch.equal(router(x, noise=TokenNoise(other, noise.positions_T)).logits_TE, a)
+    # tokens 8..15 alone, at their positions: the same rows as in the whole call
+    half = router(x[8:], noise=TokenNoise(key, torch.arange(108, 116))).logits_TE
+    assert torch.equal(half, a[8:])
+    # the router alone (no key): seed 0, step 0, positions 0..T-1
+    local = router(x).logits_TE
+    assert torch.equal(local, router(x, noise=TokenNoise(NoiseKey(), torch.arange(16))).logits_TE)
 
 
 def test_random_router():
@@ -252,7 +276,6 @@ def test_random_router():
     )
     router = RandomRouter(cfg)
     x = torch.randn(64, 4)
-    torch.manual_seed(7)
     out = router(x)
     ids = out.topk_ids_TK
     assert ids.shape == (64, 3) and ids.dtype == torch.int64
@@ -262,9 +285,30 @@ def test_random_router():
     assert out.topk_weights_TK.dtype == torch.float32
     assert torch.equal(out.topk_weights_TK, torch.full((64, 3), 2.0 / 3))
     assert out.logits_TE is None and out.probs_TE is None
-    torch.manual_seed(7)
-    assert torch.equal(router(x).topk_ids_TK, ids)
-    assert not torch.equal(router(x).topk_ids_TK, ids)
+    # a function of the key only: same key, same experts; the next step, other experts
+    key = NoiseKey(seed=1, step=2, layer=0)
+    positions = torch.arange(64)
+    first = router(x, noise=TokenNoise(key, positions)).topk_ids_TK
+    assert torch.equal(router(x, noise=TokenNoise(key, positions)).topk_ids_TK, first)
+    later = router(x, noise=TokenNoise(replace(key, step=3), positions)).topk_ids_TK
+    assert not torch.equal(later, first)
+
+
+def test_random_router_is_uniform():
+    """Over 20k tokens each expert is picked K/E of the time (within 5 sigma), and each of the
+    E*(E-1)/2 expert pairs about equally often (K=2)."""
+    E, K, T = 6, 2, 20_000
+    cfg = MoEConfig(num_experts=E, top_k=K, dim=4, hidden_dim=8, router_type="random")
+    ids = RandomRouter(cfg)(torch.zeros(T, 4)).topk_ids_TK
+    counts = torch.bincount(ids.flatten(), minlength=E).double()
+    p = K / E
+    sigma = math.sqrt(T * p * (1 - p))
+    assert (counts - T * p).abs().max() < 5 * sigma
+    pairs = torch.bincount(ids.min(1).values * E + ids.max(1).values, minlength=E * E).double()
+    pairs = pairs[pairs > 0]
+    assert pairs.numel() == E * (E - 1) // 2
+    q = 1 / pairs.numel()
+    assert (pairs - T * q).abs().max() < 5 * math.sqrt(T * q * (1 - q))
 
 
 def expected_hash_ids(token_ids, E, K):
