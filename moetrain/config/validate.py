@@ -1,11 +1,22 @@
 """Checks that span components of the training config. Each raises ``ConfigError`` (a
-``ValueError``) naming the setting and the fix; component fields validate themselves."""
+``ValueError``) naming the setting and the fix; component fields validate themselves.
+
+Also: ``reject_unknown_keys`` (keys a ``+``/``++`` override added that the schema lacks) and
+``ineffective_keys`` (settings away from their default that the rest of the config ignores).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from moetrain.config.schema import Config
+from moetrain.moe.baseline_routers import HashRouter, RandomRouter
 from moetrain.moe.router_registry import router_class
 from moetrain.parallel.dims import LayoutError, ParallelDims
 from moetrain.parallel.placement import (
@@ -54,6 +65,13 @@ def validate(cfg: Config) -> None:
     """Raise ``ConfigError`` for the first inconsistency found."""
     cfg.model.validate()
     cfg.data.validate()
+    if cfg.data.source == "stdlib" and cfg.data.path is not None:
+        _fail(
+            "data.path",
+            f"is {cfg.data.path!r} but data.source is stdlib (the built-in corpus reads no "
+            "directory); to train on it use data=tokens (or data.source=tokens), else drop "
+            "data.path",
+        )
     dims = _validate_parallel(cfg)
     _validate_train(cfg, dims)
     _validate_optim(cfg)
@@ -157,6 +175,7 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
             f"{cfg.train.seq_len} is not divisible by parallel.tp={dims.tp} (sequence "
             "parallelism splits each sequence over the tensor-parallel ranks)",
         )
+    _validate_pp_schedule(p.pp_schedule)
     per_step = cfg.train.micro_batch_size * dims.dp
     if dims.pp > 1 and per_step > 0 and cfg.train.global_batch_size % per_step == 0:
         from moetrain.parallel.pipeline import schedule_error
@@ -176,6 +195,14 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
     return dims
 
 
+def _validate_pp_schedule(schedule: str) -> None:
+    """A choice is checked even where unused (``parallel.pp=1``)."""
+    from moetrain.parallel.pipeline import SCHEDULES
+
+    if schedule not in SCHEDULES:
+        _fail("parallel.pp_schedule", f"must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
 def _validate_checkpoint(cfg: Config) -> None:
     c = cfg.checkpoint
     if c.interval < 0:
@@ -190,3 +217,234 @@ def _validate_checkpoint(cfg: Config) -> None:
         )
     if c.init_from is not None and not os.path.isdir(c.init_from):
         _fail("checkpoint.init_from", f"{c.init_from!r} is not a directory")
+
+
+# --- keys the schema does not have ----------------------------------------------------------
+
+
+def reject_unknown_keys(dict_cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` naming every key of the composed config that its schema lacks.
+
+    Hydra rejects an unknown ``key=value`` itself, but ``+key=value`` and ``++key=value`` add
+    the key, which ``OmegaConf.to_object`` then drops without a word. Keys under a dict-typed
+    field (none today) are the field's own and stay allowed.
+    """
+    unknown = list(_unknown_keys(dict_cfg, ""))
+    if unknown:
+        raise ConfigError("; ".join(unknown))
+
+
+def _unknown_keys(node: DictConfig, prefix: str) -> Iterator[str]:
+    schema = OmegaConf.get_type(node)
+    names: list[str] | None = None
+    if isinstance(schema, type) and dataclasses.is_dataclass(schema):
+        names = [f.name for f in dataclasses.fields(schema)]
+    for raw_key, value in node.items_ex(resolve=False):
+        key = str(raw_key)
+        path = f"{prefix}{key}"
+        if names is not None and key not in names:
+            yield _unknown_key_message(path, key, names)
+        elif isinstance(value, DictConfig):
+            yield from _unknown_keys(value, f"{path}.")
+
+
+def _unknown_key_message(path: str, key: str, names: list[str]) -> str:
+    parent = path.rpartition(".")[0]
+    guess = difflib.get_close_matches(key, names, n=1)
+    if guess:
+        fix = f"did you mean {parent + '.' if parent else ''}{guess[0]}?"
+    else:
+        fix = f"remove it ({parent or 'the config'} has: {', '.join(names)})"
+    return f"{path}: unknown key (a +/++ override cannot add keys the config schema lacks); {fix}"
+
+
+# --- keys that have no effect ---------------------------------------------------------------
+
+
+def ineffective_keys(cfg: Config) -> list[str]:
+    """One message per setting away from its schema default that has no effect under the rest
+    of ``cfg`` (``<key>=<value> has no effect ...; <fix>``), for the caller to print as a
+    warning. Call it after ``validate``; the shipped presets give none (docs/configuration.md
+    "Keys that have no effect" lists the cases)."""
+    found: list[str] = []
+    for check in (_unused_train, _unused_optim, _unused_parallel, _unused_model, _unused_moe):
+        found.extend(check(cfg))
+    return found
+
+
+def _default(obj: Any, name: str) -> Any:
+    f = {f.name: f for f in dataclasses.fields(obj)}[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _show(value: Any) -> str:
+    """``value`` as a command-line override would write it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _unused(obj: Any, section: str, keys: Iterable[str], why: str) -> list[str]:
+    """``<section>.<key>=<value> has no effect <why>`` for each of ``keys`` set away from its
+    default in ``obj``."""
+    return [
+        f"{section}.{key}={_show(getattr(obj, key))} has no effect {why}"
+        for key in keys
+        if getattr(obj, key) != _default(obj, key)
+    ]
+
+
+def _unused_train(cfg: Config) -> list[str]:
+    found = []
+    if cfg.train.nonfinite == "stop":
+        found += _unused(
+            cfg.train, "train", ["max_skipped_steps"], "with train.nonfinite=stop (it bounds skip)"
+        )
+    if cfg.checkpoint.interval == 0:
+        found += _unused(
+            cfg.checkpoint,
+            "checkpoint",
+            ["keep_last"],
+            "with checkpoint.interval=0 (no checkpoint is saved); set checkpoint.interval",
+        )
+    return found
+
+
+def _unused_optim(cfg: Config) -> list[str]:
+    o = cfg.optim
+    found = []
+    if o.name == "adamw":
+        found += _unused(
+            o,
+            "optim",
+            ["momentum"],
+            "with optim.name=adamw (an SGD setting; AdamW's momentum is optim.betas[0]); for SGD "
+            "with momentum use optim=sgd",
+        )
+    else:
+        found += _unused(
+            o, "optim", ["betas", "eps"], f"with optim.name={o.name} (an AdamW setting)"
+        )
+    if o.schedule != "wsd":
+        found += _unused(
+            o, "optim", ["decay_fraction"], f"with optim.schedule={o.schedule} (a wsd setting)"
+        )
+    if o.schedule == "constant":
+        found += _unused(
+            o, "optim", ["min_lr_ratio"], "with optim.schedule=constant (the lr never decays)"
+        )
+    return found
+
+
+def _unused_parallel(cfg: Config) -> list[str]:
+    p = cfg.parallel
+    found = []
+    if p.pp == 1:
+        found += _unused(
+            p, "parallel", ["pp_schedule"], "with parallel.pp=1 (no pipeline to schedule)"
+        )
+    if p.expert_sharding == "ep" and p.ep_a2a == "flat":
+        found += _unused(
+            p,
+            "parallel",
+            ["ep_ranks_per_node"],
+            "with parallel.ep_a2a=flat (it sizes the hierarchical all-to-all's node groups); "
+            "set parallel.ep_a2a=hierarchical to use it",
+        )
+    return found
+
+
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+YARN_KEYS = ("rope_original_max_seq_len", "yarn_beta_fast", "yarn_beta_slow")
+
+
+def _unused_model(cfg: Config) -> list[str]:
+    m = cfg.model
+    found = []
+    if m.attention == "gqa":
+        found += _unused(
+            m,
+            "model",
+            [*MLA_KEYS, "rope_interleave"],
+            "with model.attention=gqa (an MLA setting); set model.attention=mla to use it",
+        )
+    else:
+        found += _unused(
+            m,
+            "model",
+            ["num_kv_heads"],
+            f"with model.attention={m.attention} (MLA's keys and values have model.num_heads "
+            "heads)",
+        )
+    if m.rope_scaling != "yarn":
+        found += _unused(
+            m, "model", YARN_KEYS, f"with model.rope_scaling={m.rope_scaling} (a YaRN setting)"
+        )
+    return found
+
+
+# what a router without scores (no logits, no probabilities: RandomRouter, HashRouter) ignores
+SCORE_KEYS = (
+    "score_func",
+    "norm_topk_prob",
+    "logit_norm_scale",
+    "router_jitter",
+    "aux_loss_coeff",
+    "aux_loss_coeff_per_layer",
+    "aux_loss_scope",
+    "z_loss_coeff",
+)
+
+
+def _unused_moe(cfg: Config) -> list[str]:
+    m, moe = cfg.model, cfg.model.moe
+    if not m.num_moe_layers:
+        why = (
+            f"in a model without MoE layers (model.first_k_dense={m.first_k_dense} >= "
+            f"model.num_layers={m.num_layers})"
+        )
+        keys = [f.name for f in dataclasses.fields(moe) if f.name != "dim"]
+        return _unused(m, "model", ["moe_layer_freq"], why) + _unused(moe, "model.moe", keys, why)
+    found = []
+    if issubclass(router_class(moe.router_type), (RandomRouter, HashRouter)):
+        found += _unused(
+            moe,
+            "model.moe",
+            SCORE_KEYS,
+            f"with model.moe.router_type={moe.router_type} (it has no router scores: no score "
+            "function, renormalization, jitter or aux losses)",
+        )
+    elif moe.aux_loss_coeff_per_layer is not None:
+        found += _unused(
+            moe,
+            "model.moe",
+            ["aux_loss_coeff"],
+            "with model.moe.aux_loss_coeff_per_layer set (it gives every layer's coefficient)",
+        )
+    if moe.capacity_factor is None:
+        found += _unused(
+            moe,
+            "model.moe",
+            ["drop_policy", "min_capacity"],
+            "with model.moe.capacity_factor=null (dropless: no capacity, nothing dropped); set "
+            "model.moe.capacity_factor to drop tokens",
+        )
+    if moe.num_shared_experts == 0:
+        found += _unused(
+            moe, "model.moe", ["shared_hidden_dim"], "with model.moe.num_shared_experts=0"
+        )
+    if moe.bias_update_rate is None or moe.capacity_factor is None:
+        found += _unused(
+            moe,
+            "model.moe",
+            ["bias_load"],
+            "without both model.moe.bias_update_rate (aux-loss-free balancing) and "
+            "model.moe.capacity_factor (dropping): it chooses which loads that balancing counts",
+        )
+    return found

@@ -1,7 +1,9 @@
 """``moetrain-train`` / ``python -m moetrain.train``: the Hydra app that trains a model.
 
-Config mistakes (unknown key, wrong type, inconsistent settings, missing data) stop the run
-before training with one line naming the setting and the fix.
+Config mistakes (unknown key, ``+``-appended or not; wrong type; inconsistent settings; missing
+data) stop the run before training with one line naming the setting and the fix (exit status 2;
+Hydra's own message and status 1 for an unknown key without ``+``). A setting away from its
+default that the rest of the config ignores prints one ``moetrain-train: warning:`` line.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 import moetrain.config  # noqa: F401  (registers the structured config schema)
 from moetrain.config.schema import Config
-from moetrain.config.validate import validate
+from moetrain.config.validate import ineffective_keys, reject_unknown_keys, validate
 from moetrain.train.metrics import bits_per_token
 from moetrain.train.nonfinite import NonFiniteError
 from moetrain.train.trainer import Trainer
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+# moetrain/configs/: package data, so editable and wheel installs alike find it
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def default_run_dir() -> Path:
@@ -84,14 +87,30 @@ def compose_config(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        dict_cfg = compose(config_name="config", overrides=overrides)
+    reject_unknown_keys(dict_cfg)  # as setup() does: a +key the schema lacks is an error
+    return dict_cfg
+
+
+def first_rank() -> bool:
+    """Whether this process prints a launch's messages (one copy per launch, not per rank)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def warn(messages: list[str]) -> None:
+    """Print each message once per launch: ``moetrain-train: warning: <message>`` on stderr."""
+    if first_rank():
+        for message in messages:
+            print(f"moetrain-train: warning: {message}", file=sys.stderr, flush=True)
 
 
 def setup(dict_cfg: DictConfig) -> tuple[Config, Path, Trainer]:
     """Config -> (validated Config, run dir, Trainer). Raises ValueError/FileNotFoundError for
-    user errors."""
+    user errors; warns (``warn``) of settings that have no effect."""
+    reject_unknown_keys(dict_cfg)  # +key/++key: OmegaConf.to_object would drop it silently
     cfg: Config = OmegaConf.to_object(dict_cfg)  # type: ignore[assignment]
     validate(cfg)
+    warn(ineffective_keys(cfg))
     run_dir = resolve_run_dir(cfg)
     cfg.run.dir = str(run_dir)
     trainer = Trainer(cfg, run_dir)
@@ -132,7 +151,7 @@ def _main(dict_cfg: DictConfig) -> None:
     try:
         cfg, run_dir, trainer = setup(dict_cfg)
     except (ValueError, FileNotFoundError, OmegaConfBaseException) as err:
-        if os.environ.get("RANK", "0") == "0":  # one message per launch, not one per rank
+        if first_rank():
             print(f"moetrain-train: error: {err}", file=sys.stderr)
         sys.exit(2)
     logging_rank = trainer.ctx.is_logging_rank

@@ -201,3 +201,42 @@ def test_multirun_gives_each_job_its_own_run_dir(tmp_path, run_dir_set):
         saved = OmegaConf.load(job_dir / "config.yaml")
         assert (tmp_path / saved.run.dir).resolve() == job_dir.resolve()  # relative to cwd
     assert {p.name for p in tmp_path.iterdir()} == {"tokens", "sweep" if run_dir_set else "runs"}
+
+
+@pytest.mark.parametrize("override", ["+train.stepz=5", "++train.stepz=5"], ids=["add", "force"])
+def test_appended_unknown_key_is_a_one_line_error(tmp_path, override):
+    proc = run_cli(*SMOKE, f"run.dir={tmp_path / 'run'}", override, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("moetrain-train: error: train.stepz: unknown key")
+    assert "did you mean train.steps?" in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def warning_lines(capsys) -> list[str]:
+    return [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith("moetrain-train: warning:")
+    ]
+
+
+@pytest.mark.timeout(240)
+def test_setup_warns_once_of_a_setting_without_effect(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    *_, trainer = setup(compose_config([*SMOKE, f"run.dir={tmp_path / 'a'}"]))
+    trainer.close()
+    assert warning_lines(capsys) == []  # the default config: no warning
+    overrides = ["parallel.pp_schedule=gpipe", "model.moe.drop_policy=position"]
+    *_, trainer = setup(compose_config([*SMOKE, f"run.dir={tmp_path / 'b'}", *overrides]))
+    trainer.close()
+    lines = warning_lines(capsys)
+    assert len(lines) == 2
+    assert "parallel.pp_schedule=gpipe has no effect" in lines[0]
+    assert "model.moe.drop_policy=position has no effect" in lines[1]
+
+
+def test_unused_choice_is_still_checked(tmp_path):
+    expect_setup_error(
+        tmp_path, ["parallel.pp_schedule=bogus"], "parallel.pp_schedule", "1f1b, gpipe"
+    )
