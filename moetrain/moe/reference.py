@@ -76,7 +76,8 @@ def _shared(layer: MoELayer, x_TD: Tensor) -> Tensor:
 
 def reference_aux_loss(layer: MoELayer, routed: RouterOutput, seq_len: int | None) -> Tensor:
     """Load-balancing + z-loss from their formulas, expert by expert (micro-batch or sequence
-    scope; the global scope in one process equals the micro-batch scope)."""
+    scope; in one process the global scope equals the micro-batch scope on a step's first call,
+    later calls add the step's earlier counts: tests/unit/test_routing_step.py)."""
     cfg = layer.cfg
     total = routed.topk_weights_TK.new_zeros(())
     if routed.probs_TE is None or routed.logits_TE is None:
