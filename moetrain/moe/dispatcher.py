@@ -30,6 +30,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from moetrain.ops import expert_sort, permute, unpermute
 
@@ -110,8 +111,12 @@ def run_sequentially(
     overlap_fn: Callable[[], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """dispatch -> experts -> combine, then ``overlap_fn`` (nothing to hide it behind)."""
-    rows_RD, tokens_per_expert = dispatcher.dispatch(x_TD, routing)
-    y_TD = dispatcher.combine(experts(rows_RD, tokens_per_expert))
+    with record_function("moe/dispatch"):  # named ranges: train.profile_steps traces
+        rows_RD, tokens_per_expert = dispatcher.dispatch(x_TD, routing)
+    with record_function("moe/experts"):
+        out_RD = experts(rows_RD, tokens_per_expert)
+    with record_function("moe/combine"):
+        y_TD = dispatcher.combine(out_RD)
     return y_TD, overlap_fn() if overlap_fn is not None else None
 
 

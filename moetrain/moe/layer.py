@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from moetrain.moe.aux_losses import (
     CountReduce,
@@ -158,11 +159,12 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, cfg.dim)
         recompute = recomputing()
         call = self.routing_step.next_call(self.training, recompute)
-        if self.router.draws_noise:
-            noise = self.routing_step.noise(call, self.training, self.layer_idx or 0, x)
-            routed = self.router(x_TD, token_ids, noise=noise)
-        else:
-            routed = self.router(x_TD, token_ids)
+        with record_function("moe/router"):  # named ranges: train.profile_steps traces
+            if self.router.draws_noise:
+                noise = self.routing_step.noise(call, self.training, self.layer_idx or 0, x)
+                routed = self.router(x_TD, token_ids, noise=noise)
+            else:
+                routed = self.router(x_TD, token_ids)
         record = self.training and not recompute
         keep_TK, capacity = self._apply_capacity(routed)
         if record:  # aux-loss-free balancing counts assignments, or kept ones (bias_load)
@@ -189,9 +191,10 @@ class MoELayer(nn.Module):
                 routing.pad_to_capacity,
             )
             out_shape = torch.Size((x.shape[0], idx.numel() // x.shape[0], cfg.dim))
-        routed_TD, shared_TD = self.dispatcher.run(
-            x_local_TD, routing, self.experts, self._shared_fn(x)
-        )
+        with record_function("moe/dispatcher"):
+            routed_TD, shared_TD = self.dispatcher.run(
+                x_local_TD, routing, self.experts, self._shared_fn(x)
+            )
         y = routed_TD.view(out_shape)
         if sp is not None:
             y = sp.scatter(y)  # partial sums over F (expert TP) -> this rank's sequence chunk

@@ -25,9 +25,10 @@ from moetrain.models.config import ModelConfig
 from moetrain.moe import MoELayer
 from moetrain.parallel import activity
 from moetrain.parallel.placement import StepStatistics
+from moetrain.report import build_report
 from moetrain.train.memory import peak_memory
 from moetrain.train.metrics import StepStats
-from moetrain.train.tracking import Tracker, save_expert_load_heatmap
+from moetrain.train.tracking import Tracker
 
 if TYPE_CHECKING:
     from moetrain.train.trainer import Trainer
@@ -113,23 +114,21 @@ class MemoryStatistics(Callback):
         return peak_memory(trainer.ctx)
 
 
-class ExpertLoadHeatmap(Callback):
-    """``expert_load.png`` in the run dir (logging rank): each MoE layer's expert shares over the
-    logged steps, also sent to wandb."""
+class RunReport(Callback):
+    """At the end of the run (logging rank): ``report.html`` and ``expert_load.png`` in the run
+    dir, built from the whole ``metrics.jsonl`` (every process of the run, across resumes: see
+    ``moetrain.report``); the expert-load figure also goes to wandb. ``python -m
+    moetrain.report <run dir>`` rebuilds them."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        self.steps: list[int] = []
-        self.loads: list[list[list[float]]] = []
-
-    def post_step(self, trainer: Trainer, step: int, row: dict[str, Any] | None) -> None:
-        if row is not None:
-            self.steps.append(step)
-            self.loads.append(row["expert_load"])
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.run_dir, self.enabled = run_dir, enabled
 
     def post_train(self, trainer: Trainer, tracker: Tracker) -> None:
-        if self.enabled and save_expert_load_heatmap(self.steps, self.loads, self.path):
-            tracker.log_image("expert_load_heatmap", self.path, trainer.cfg.train.steps)
+        if not self.enabled:
+            return
+        report = build_report(self.run_dir)
+        if report.expert_load is not None:
+            tracker.log_image("expert_load_heatmap", report.expert_load, trainer.cfg.train.steps)
 
 
 def straggler_fields(table: Tensor) -> dict[str, Any]:

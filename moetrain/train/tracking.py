@@ -1,10 +1,12 @@
-"""Experiment tracking: wandb, offline by default (no account, no network needed), and the
-expert-load heatmap saved beside the metrics."""
+"""Experiment tracking: wandb, offline by default (no account, no network needed), and
+TensorBoard scalars when ``logging.tensorboard`` is on (``moetrain.train.tensorboard``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from moetrain.train.tensorboard import TensorBoardWriter
 
 
 class Tracker:
@@ -18,8 +20,10 @@ class Tracker:
         run_dir: Path,
         config: dict,
         run_id: str | None = None,
+        tensorboard: TensorBoardWriter | None = None,  # also gets every logged row
     ) -> None:
         self.run: Any = None
+        self.tensorboard = tensorboard
         if mode == "disabled":
             return
         try:
@@ -37,6 +41,8 @@ class Tracker:
             config=config,
             id=run_id,
             resume="allow" if run_id else None,
+            # no ~30-line history/summary footer at finish: the run's files keep it
+            settings=wandb.Settings(quiet=True),
         )
 
     @property
@@ -44,6 +50,8 @@ class Tracker:
         return None if self.run is None else self.run.id
 
     def log(self, row: dict, step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
         if self.run is None:
             return
         flat = {k: v for k, v in row.items() if isinstance(v, (int, float))}
@@ -62,38 +70,7 @@ class Tracker:
             self.run.log({key: wandb.Image(str(path))}, step=step)
 
     def finish(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.run is not None:
             self.run.finish()
-
-
-def save_expert_load_heatmap(steps: list[int], loads: list[list[list[float]]], path: Path) -> bool:
-    """One panel per MoE layer: expert share of assignments (color) over steps (x) and experts
-    (y). ``loads[t][layer][expert]``. Returns False when there is nothing to plot (dense)."""
-    if not loads or not loads[0]:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    num_layers = len(loads[0])
-    fig, axes = plt.subplots(num_layers, 1, figsize=(8, 1.8 * num_layers + 0.6), squeeze=False)
-    for i in range(num_layers):
-        grid = np.array([step_load[i] for step_load in loads]).T  # [experts, steps]
-        ax = axes[i][0]
-        im = ax.imshow(
-            grid,
-            aspect="auto",
-            origin="lower",
-            cmap="viridis",
-            extent=(steps[0], steps[-1], -0.5, grid.shape[0] - 0.5),
-        )
-        ax.set_ylabel(f"MoE layer {i}\nexpert")
-        fig.colorbar(im, ax=ax, label="share")
-    axes[-1][0].set_xlabel("step")
-    fig.suptitle("Expert load (share of routed assignments)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
