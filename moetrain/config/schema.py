@@ -37,6 +37,8 @@ class TrainConfig:
     # a non-finite loss or grad norm: stop (exit 3, nothing saved after it) | skip the update
     nonfinite: str = "stop"
     max_skipped_steps: int = 10  # skip: stop after this many consecutive skipped steps
+    # [a, b]: torch.profiler trace of steps a..b in <run dir>/profile/ (null: no profiling)
+    profile_steps: Optional[List[int]] = None
 
 
 @dataclass
@@ -82,7 +84,8 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # steps between checkpoints (and one at the end); 0 = no checkpoints
+    interval: int = 0  # steps between checkpoints; 0 = none but the final one
+    final: bool = True  # a checkpoint after the last step (unless the interval already saved it)
     resume: str = "auto"  # auto (newest complete one in run.dir) | never | a checkpoint directory
     # model weights only: a native checkpoint (step or run directory) or a Hugging Face directory
     init_from: Optional[str] = None
@@ -100,6 +103,7 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress_bar: bool = True
+    tensorboard: bool = False  # every logged row also as scalars in <run dir>/tensorboard/
 
 
 @dataclass

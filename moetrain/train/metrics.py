@@ -10,6 +10,9 @@ An expert placement may add its own fields (FSSDP: ``fssdp_replicas``, ``fssdp_m
 ``fssdp_materialized``; see ``moetrain.parallel.fssdp_placement``).
 With ``train.nonfinite=skip`` rows carry ``skipped_steps`` (optimizer steps skipped so far in
 this process). Evaluation rows carry ``val_loss`` and ``val_bpt`` instead.
+
+``tokens_per_s`` and ``mfu`` are averages over the steps since the previous logged row, not the
+logged step alone (``moetrain.train.throughput``).
 """
 
 from __future__ import annotations
@@ -23,23 +26,6 @@ import torch
 
 from moetrain.moe import MoELayer
 from moetrain.moe.layer import MoEStats
-
-# bf16 dense peak per GPU, FLOP/s (vendor figures, no sparsity)
-KNOWN_GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-def peak_flops_per_device(configured: float | None) -> tuple[float, str]:
-    """The configured peak, else a known GPU's, else the CPU matmul measured now."""
-    if configured:
-        return configured, "configured (train.peak_flops_per_device)"
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, value in KNOWN_GPU_PEAK.items():
-            if key in name:
-                return value, f"{key} bf16 table value"
-    from moetrain.perf import measure_peak_flops
-
-    return measure_peak_flops(repeats=3), "measured: fp32 2048^3 matmul fwd+bwd"
 
 
 @dataclass

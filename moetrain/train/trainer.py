@@ -12,11 +12,9 @@ first.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from moetrain import checkpoint
 from moetrain.config.schema import Config
 from moetrain.config.validate import expert_placement, parallel_dims
 from moetrain.data import BatchIterator, ShuffledSampler, build_datasets, build_tokenizer
@@ -34,24 +31,29 @@ from moetrain.parallel import activity
 from moetrain.parallel.context import ParallelContext, close_parallel, init_parallel
 from moetrain.parallel.parallelize import parallelize
 from moetrain.parallel.pipeline import build_schedule, pipeline_forward
+from moetrain.train import checkpointing
 from moetrain.train.callbacks import (
     Callback,
-    ExpertLoadHeatmap,
     MemoryStatistics,
     MoEStatistics,
     PlacementStatistics,
+    RunReport,
     StragglerStatistics,
 )
-from moetrain.train.lr import build_scheduler, load_scheduler_state, scheduler_state
+from moetrain.train.lr import build_scheduler
 from moetrain.train.memory import peak_memory
-from moetrain.train.metrics import (
-    MetricsWriter,
-    bits_per_token,
-    console_line,
+from moetrain.train.metrics import MetricsWriter, bits_per_token, console_line
+from moetrain.train.nonfinite import NonFiniteGuard
+from moetrain.train.optim import build_optimizer
+from moetrain.train.profiler import ProfileSteps
+from moetrain.train.run_meta import val_history, write_run_meta
+from moetrain.train.tensorboard import open_tensorboard
+from moetrain.train.throughput import (
+    PeakFlops,
+    ThroughputWindow,
+    model_flops_utilization,
     peak_flops_per_device,
 )
-from moetrain.train.nonfinite import NonFiniteError, NonFiniteGuard
-from moetrain.train.optim import build_optimizer
 from moetrain.train.tracking import Tracker
 from moetrain.train.watchdog import Watchdog
 
@@ -60,7 +62,11 @@ from moetrain.train.watchdog import Watchdog
 class TrainResult:
     run_dir: Path
     losses: list[float]  # training LM loss per step
-    val_losses: list[tuple[int, float]]  # (step, validation loss)
+    val_losses: list[tuple[int, float]]  # (step, validation loss) of this process
+    # every validation of the run, earlier processes' (before a resume) included: read back
+    # from metrics.jsonl on the logging rank; this process's val_losses elsewhere
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    checkpoint: Path | None = None  # the newest checkpoint this process saved or resumed from
 
 
 class Trainer:
@@ -87,9 +93,10 @@ class Trainer:
         self.callbacks: list[Callback] = [
             MoEStatistics(self.moe_layers, self.pm.moe_ids, cfg.model, t.seq_len),
             *(PlacementStatistics(s) for s in self.pm.step_statistics()),
-            ExpertLoadHeatmap(run_dir / "expert_load.png", self.ctx.is_logging_rank),
+            RunReport(run_dir, self.ctx.is_logging_rank),  # report.html, expert_load.png
             StragglerStatistics(),  # before any callback whose collective syncs the ranks
             MemoryStatistics(),
+            ProfileSteps(t.profile_steps, run_dir, self.ctx.rank),
             *(callbacks or []),
         ]
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -111,9 +118,12 @@ class Trainer:
         self._nonfinite_ranks: list[int | None] = [None, None]
         self.wandb_run_id: str | None = None
         self.resumed_from: Path | None = None
-        self.peak_flops, self.peak_source = 0.0, "not measured on this rank"
+        self.last_checkpoint: Path | None = None  # saved or resumed from by this process
+        self.last_checkpoint_step: int | None = None
+        self.peak = PeakFlops(0.0, "not measured on this rank")  # rows are written on rank 0
         if self.ctx.is_logging_rank:
-            self.peak_flops, self.peak_source = peak_flops_per_device(t.peak_flops_per_device)
+            self.peak = peak_flops_per_device(t.peak_flops_per_device, self.ctx.device)
+        self.peak_flops, self.peak_source = self.peak.value, self.peak.source
         self.autocast = (
             torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
             if t.dtype == "bf16"
@@ -164,17 +174,18 @@ class Trainer:
         self.pm.prepare_training(aux_loss_scale=self.loss_scale, seed=t.seed)
         self.state_module = self.pm.state_module()
         if cfg.checkpoint.init_from:  # weights only; a fresh run otherwise
-            checkpoint.load_weights(Path(cfg.checkpoint.init_from), self.state_module, cfg.model)
+            checkpointing.init_from(self, cfg.checkpoint.init_from)
 
     def run(self) -> TrainResult:
         """Resume if there is a checkpoint, then train to ``train.steps``: log, evaluate and
-        checkpoint at their intervals. Raises ``NonFiniteError`` as ``train.nonfinite`` says
-        (the metrics file and the tracker are closed first)."""
+        checkpoint at their intervals, then save the final checkpoint (``checkpoint.final``).
+        Raises ``NonFiniteError`` as ``train.nonfinite`` says (the metrics file and the tracker
+        are closed first; no checkpoint is saved after it)."""
         cfg = self.cfg
         logging_rank = self.ctx.is_logging_rank
         self.resume()
         if logging_rank:
-            self._write_run_metadata()
+            write_run_meta(self)
         tracker = Tracker(
             cfg.logging.wandb.mode if logging_rank else "disabled",
             cfg.logging.wandb.project,
@@ -182,6 +193,9 @@ class Trainer:
             self.run_dir,
             dict(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)),  # type: ignore[arg-type]
             run_id=self.wandb_run_id,  # a resumed run continues its wandb run
+            tensorboard=open_tensorboard(
+                cfg.logging.tensorboard and logging_rank, self.run_dir, self.step or None
+            ),
         )
         self.wandb_run_id = tracker.run_id
         writer = None
@@ -201,6 +215,10 @@ class Trainer:
             if writer is not None:
                 writer.close()
             tracker.finish()
+        result.val_history = result.val_losses
+        if writer is not None:  # and the earlier processes' (before a resume)
+            result.val_history = val_history(writer.path) or result.val_losses
+        result.checkpoint = self.last_checkpoint
         return result
 
     def _train(
@@ -208,46 +226,69 @@ class Trainer:
     ) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         losses: list[float] = []
-        val_losses: list[tuple[int, float]] = []
-        if self.resumed_from is None:
-            watchdog.step_begin(0)
-            val_losses.append((0, self._evaluate_and_log(0, writer, tracker)))  # the start point
-        for callback in self.callbacks:
-            callback.pre_train(self)
+        val_losses = self._start(writer, tracker, watchdog)
         bar = tqdm(
             range(self.step + 1, t.steps + 1),
             disable=not (cfg.logging.progress_bar and self.ctx.is_logging_rank),
             desc="train",
             dynamic_ncols=True,
         )
+        window = ThroughputWindow(time.perf_counter())  # tok/s and MFU: since the last row
         for step in bar:
             watchdog.step_begin(step)
             for callback in self.callbacks:
                 callback.pre_step(self, step)
-            start = time.perf_counter()
             stats, grad_norm, lr = self.train_step()
-            seconds = time.perf_counter() - start
+            window.add_step(t.global_batch_size * t.seq_len)
             losses.append(stats["loss"])
             row = None
             if step % t.log_interval == 0 or step == t.steps:
-                row = self._log_row(step, stats, grad_norm, lr, seconds)
+                row = self._log_row(step, stats, grad_norm, lr, window.take(time.perf_counter()))
                 if writer is not None:
                     writer.write(row)
                     bar.write(console_line(row))
                 tracker.log(row, step)
             for callback in self.callbacks:
                 callback.post_step(self, step, row)
-            if step == t.steps or (t.eval_interval and step % t.eval_interval == 0):
-                watchdog.step_begin(step)  # the eval gets its own limit
-                val_losses.append((step, self._evaluate_and_log(step, writer, tracker, bar)))
-            interval = cfg.checkpoint.interval
-            if interval and (step % interval == 0 or step == t.steps):
-                watchdog.step_begin(step)  # and so does the save
-                self.save_checkpoint()
+            with window.paused():  # evaluations and saves are not training throughput
+                if step == t.steps or (t.eval_interval and step % t.eval_interval == 0):
+                    watchdog.step_begin(step)  # the eval gets its own limit
+                    val_losses.append((step, self._evaluate_and_log(step, writer, tracker, bar)))
+                if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                    watchdog.step_begin(step)  # and so does the save
+                    self.save_checkpoint()
+            watchdog.step_end()
+        self._finish(tracker, watchdog)
+        return TrainResult(self.run_dir, losses, val_losses)
+
+    def _start(
+        self, writer: MetricsWriter | None, tracker: Tracker, watchdog: Watchdog
+    ) -> list[tuple[int, float]]:
+        """Before the first step: a fresh run's step-0 validation (returned), the callbacks'
+        ``pre_train``."""
+        val_losses: list[tuple[int, float]] = []
+        if self.resumed_from is None:
+            watchdog.step_begin(0)
+            val_losses.append((0, self._evaluate_and_log(0, writer, tracker)))  # the start point
+        elif self.step >= self.cfg.train.steps:
+            checkpointing.announce(
+                self.ctx.is_logging_rank,
+                f"nothing to train: resumed at step {self.step} with train.steps="
+                f"{self.cfg.train.steps}; raise train.steps to train on",
+            )
+        for callback in self.callbacks:
+            callback.pre_train(self)
+        return val_losses
+
+    def _finish(self, tracker: Tracker, watchdog: Watchdog) -> None:
+        """After the last step: the final checkpoint (``checkpoint.final``; not again when the
+        last step was saved or resumed from), the callbacks' ``post_train``."""
+        if self.cfg.checkpoint.final and self.last_checkpoint_step != self.step:
+            watchdog.step_begin(self.step)  # the save gets its own limit
+            self.save_checkpoint()
             watchdog.step_end()
         for callback in self.callbacks:
             callback.post_train(self, tracker)
-        return TrainResult(self.run_dir, losses, val_losses)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -256,61 +297,19 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def _layout(self) -> dict[str, int | str]:
+        """The layout as a checkpoint records it (``ParallelDims.layout``)."""
         return self.ctx.dims.layout(self.cfg.parallel.pp_virtual_stages)
 
     def save_checkpoint(self) -> Path:
-        """Checkpoint the state after ``self.step`` steps (every rank calls this). Weights that
-        are not finite are never saved: ``NonFiniteError`` instead."""
-        t = self.cfg.train
-        activity.set_phase("checkpoint save")
-        bad_rank = self.pm.first_rank_with_nonfinite_weights()
-        if bad_rank is not None:
-            raise NonFiniteError(
-                f"step {self.step}: non-finite weights first seen on rank {bad_rank}; no "
-                "checkpoint written (the latest complete one stays latest); lower optim.lr or "
-                "keep train.grad_clip on"
-            )
-        train_state = {
-            "step": self.step,
-            "tokens_seen": self.step * t.global_batch_size * t.seq_len,
-            "scheduler": scheduler_state(self.scheduler),
-            "sampler": self.train_batches.state_dict(),
-            "wandb_run_id": self.wandb_run_id,
-            "layout": self._layout(),
-            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
-        }
-        return checkpoint.save(
-            self.checkpoints_dir,
-            self.step,
-            self.state_module,
-            self.optimizer,
-            train_state,
-            self.cfg.checkpoint.keep_last,
-        )
+        """Checkpoint the state after ``self.step`` steps (every rank calls this; announced on
+        the logging rank). Weights that are not finite are never saved: ``NonFiniteError``
+        instead."""
+        return checkpointing.save(self)
 
     def resume(self) -> Path | None:
         """Load the checkpoint ``checkpoint.resume`` names (auto: the newest complete one in the
         run dir, if any) and continue from its step."""
-        how = self.cfg.checkpoint.resume
-        if how == "never" or self.resumed_from is not None:
-            return None
-        path = checkpoint.find_latest(self.checkpoints_dir) if how == "auto" else Path(how)
-        if path is None:
-            return None
-        activity.set_phase("checkpoint load")
-        state = checkpoint.native.read_train_state(path)
-        same_layout = state.get("layout") == self._layout()
-        checkpoint.load(path, self.state_module, self.optimizer, same_layout)
-        self.step = int(state["step"])
-        load_scheduler_state(self.scheduler, state["scheduler"])
-        self.train_batches.load_state_dict(state["sampler"])
-        self.wandb_run_id = state.get("wandb_run_id")
-        if not same_layout:  # per-rank RNG streams are re-derived from the seed and step
-            torch.manual_seed(self.cfg.train.seed + self.step + 1_000_003 * self.ctx.rank)
-        self.resumed_from = path
-        if self.ctx.is_logging_rank:
-            print(f"moetrain: resumed from {path} (step {self.step})", flush=True)
-        return path
+        return checkpointing.resume(self)
 
     def close(self) -> None:
         """Leave the process group the trainer joined (no-op in one process)."""
@@ -449,38 +448,22 @@ class Trainer:
         return float(total) / len(batches)
 
     def _log_row(
-        self, step: int, stats: dict[str, Any], grad_norm: float, lr: float, seconds: float
+        self, step: int, stats: dict[str, Any], grad_norm: float, lr: float, tokens_per_s: float
     ) -> dict:
-        tokens = self.cfg.train.global_batch_size * self.cfg.train.seq_len
+        """A logged row; ``tokens_per_s``: averaged since the previous row (``ThroughputWindow``).
+        MFU divides by the peak measured on the logging rank (rows are written there)."""
         activity.set_phase("log row")
-        tokens_per_s = tokens / seconds
         world = self.ctx.dims.world_size
         row = {
             "step": step,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
-            # the peak is measured on the logging rank only (rows are written there)
-            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * world)
-            if self.peak_flops
-            else 0.0,
+            "mfu": model_flops_utilization(
+                tokens_per_s, self.flops_per_token, self.peak_flops, world
+            ),
         }
         row.update(stats)
         for callback in self.callbacks:
             row.update(callback.log_fields(self))
         return row
-
-    def _write_run_metadata(self) -> None:
-        meta = {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "data": self.data_meta,
-            "params_total": self.num_params,
-            "params_active": self.num_active_params,
-            "world_size": self.ctx.dims.world_size,
-            "flops_per_token": self.flops_per_token,
-            "peak_flops_per_device": self.peak_flops,
-            "peak_flops_source": self.peak_source,
-            "setup_memory": self.setup_memory,
-        }
-        (self.run_dir / "run_meta.json").write_text(json.dumps(meta, indent=2, default=str))

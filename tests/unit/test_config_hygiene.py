@@ -124,7 +124,11 @@ INEFFECTIVE = [
     (["optim.decay_fraction=0.3"], "optim.decay_fraction=0.3", "schedule=cosine"),
     (["optim.schedule=constant", "optim.min_lr_ratio=0.5"], "optim.min_lr_ratio=0.5", "constant"),
     (["train.max_skipped_steps=3"], "train.max_skipped_steps=3", "nonfinite=stop"),
-    (["checkpoint.keep_last=5"], "checkpoint.keep_last=5", "checkpoint.interval=0"),
+    (
+        ["checkpoint.final=false", "checkpoint.keep_last=5"],
+        "checkpoint.keep_last=5",
+        "checkpoint.interval=0 and checkpoint.final=false",
+    ),
     (["model.q_lora_rank=64"], "model.q_lora_rank=64", "model.attention=gqa"),
     (["model.kv_lora_rank=64"], "model.kv_lora_rank=64", "model.attention=gqa"),
     (["model.qk_nope_head_dim=32"], "model.qk_nope_head_dim=32", "model.attention=gqa"),
@@ -190,6 +194,7 @@ def test_ineffective_setting_gives_one_message(overrides, named, why):
         ["model.moe.router_type=random", "model.moe.aux_loss_coeff=0.01"],
         ["model.moe.z_loss_coeff=0.1", "model.moe.router_jitter=0.1"],  # learned router
         ["checkpoint.interval=5", "checkpoint.keep_last=5"],
+        ["checkpoint.keep_last=5"],  # the final checkpoints of a resumed run count
         ["train.nonfinite=skip", "train.max_skipped_steps=3"],
     ],
 )
