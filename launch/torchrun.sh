@@ -10,7 +10,16 @@
 # address other nodes reach this node at, when the hostname does not resolve to it), DRY_RUN=1
 # prints the command instead of running it, MODULE (moetrain.train) the Python module torchrun
 # runs (e.g. a benchmark worker, benchmarks.overlap_worker, which needs the repository root on
-# PYTHONPATH; its arguments are then the extra arguments).
+# PYTHONPATH; its arguments are then the extra arguments), VALIDATE=0 skips the config check.
+#
+# Before starting any worker, the config is checked once in one process (moetrain-train
+# --validate-only, with this launch's world size): a config error prints moetrain's one line and
+# exits 2 without torchrun's report. Plain `torchrun -m moetrain.train` checks it in every worker;
+# its error then comes first, followed by torchrun's own ChildFailedError report.
+#
+# The run directory defaults to runs/<timestamp>-<torchrun pid> (one node) or runs/<RUN_ID>
+# (several nodes): relaunching the same command starts a new run. To resume a launch, pass its
+# directory: launch/torchrun.sh run.dir=runs/20250101-120000-4242 ...
 set -euo pipefail
 
 NNODES=${NNODES:-1}
@@ -36,6 +45,12 @@ if [[ -n ${LOCAL_ADDR:-} ]]; then
   cmd+=(--local-addr "$LOCAL_ADDR")
 fi
 cmd+=(-m "${MODULE:-moetrain.train}" "$@")
+
+if [[ ${MODULE:-moetrain.train} == moetrain.train && ${VALIDATE:-1} == 1 && ${DRY_RUN:-0} != 1 ]]; then
+  # one process, no training: a config error is one line here, not one per worker + torchrun's
+  WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) python3 -m moetrain.train --validate-only "$@" \
+    > /dev/null || exit $?
+fi
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
   printf '%q ' "${cmd[@]}"

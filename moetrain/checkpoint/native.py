@@ -300,28 +300,18 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     set_model_state_dict(model, state["model"])
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from ``path``: itself, or for a run directory (or its
-    ``checkpoints/``) the newest complete checkpoint in it."""
-    root = Path(path)
-    for checkpoints in (root / "checkpoints", root):
-        if not (root / TRAIN_STATE).is_file() and checkpoints.is_dir():
-            latest = find_latest(checkpoints)
-            if latest is not None:
-                return latest
-    return root
-
-
-def load_native_model(path: str | os.PathLike) -> Transformer:
+def load_native_model(path: str | os.PathLike, setting: str = "load_model") -> Transformer:
     """An eval-ready :class:`moetrain.models.Transformer` from a native checkpoint saved at any
     layout (a step directory, or a run directory: its newest complete checkpoint). No process
-    group needed. Hub directories: :func:`moetrain.checkpoint.source.load_model`."""
+    group needed. Hub directories: :func:`moetrain.checkpoint.source.load_model`. ``setting``:
+    the argument ``path`` came from, named by the error when it holds no checkpoint."""
     from omegaconf import OmegaConf
 
+    from moetrain.checkpoint.locate import locate
     from moetrain.models import ModelConfig
 
-    ckpt = resolve(path)
-    state = read_train_state(ckpt)
+    ckpt = locate(path, setting, hub=True)
+    state = json.loads((ckpt / TRAIN_STATE).read_text())
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), state["config"]["model"])
     model = empty_model(OmegaConf.to_object(model_cfg))  # type: ignore[arg-type]
     load_model_weights(ckpt, model)  # every saved tensor: the checkpoint fills it all

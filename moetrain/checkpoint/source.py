@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from moetrain.checkpoint.hf import load_hf, load_hf_weights
-from moetrain.checkpoint.native import load_model_weights, load_native_model, resolve
+from moetrain.checkpoint.locate import locate
+from moetrain.checkpoint.native import load_model_weights, load_native_model
 from moetrain.checkpoint.safetensors_io import is_hf_dir
 from moetrain.models.config import ModelConfig
 
@@ -26,14 +27,16 @@ def load_weights(path: str | os.PathLike, module: nn.Module, model_cfg: ModelCon
     if is_hf_dir(path):
         load_hf_weights(path, module, model_cfg)
     else:
-        load_model_weights(resolve(path), module)
+        load_model_weights(locate(path, "checkpoint.init_from", hub=True), module)
 
 
-def load_model(path: str | os.PathLike) -> Transformer:
+def load_model(path: str | os.PathLike, setting: str = "load_model") -> Transformer:
     """An eval-ready :class:`moetrain.models.Transformer` from a native checkpoint saved at any
     layout (a step directory, or a run directory: its newest complete checkpoint), or from a
     Hugging Face hub directory (``config.json`` + safetensors). No process group needed:
-    ``model(tokens_BS) -> logits_BSV``."""
+    ``model(tokens_BS) -> logits_BSV``. ``setting``: the argument ``path`` came from (a command's
+    ``--from``), which the error names when ``path`` holds no checkpoint (not a checkpoint, a
+    run with none, or an incomplete save: :func:`moetrain.checkpoint.locate.locate`)."""
     if is_hf_dir(path):
         return load_hf(path)
-    return load_native_model(path)
+    return load_native_model(path, setting)

@@ -384,8 +384,8 @@ def _load_dense(src: str) -> tuple[Transformer, str]:
                 f"--from: model_type {kind!r} is not a dense architecture moetrain upcycles; "
                 "give a Llama, Mistral, Qwen2 or Qwen3 checkpoint (or a native dense one)"
             )
-        return load_model(src), kind
-    return load_model(src), "native"
+        return load_model(src, "--from"), kind
+    return load_model(src, "--from"), "native"
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -81,6 +82,8 @@ def validate(cfg: Config) -> None:
             "logging.wandb.mode",
             f"must be online, offline or disabled; got {cfg.logging.wandb.mode!r}",
         )
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        _fail("logging.tensorboard", "needs the tensorboard package: pip install tensorboard")
 
 
 def _validate_train(cfg: Config, dims: ParallelDims) -> None:
@@ -108,6 +111,12 @@ def _validate_train(cfg: Config, dims: ParallelDims) -> None:
         _fail("train.nonfinite", f"must be stop or skip, got {t.nonfinite!r}")
     if t.max_skipped_steps < 1:
         _fail("train.max_skipped_steps", f"must be >= 1, got {t.max_skipped_steps}")
+    p = None if t.profile_steps is None else list(t.profile_steps)
+    if p is not None and (len(p) != 2 or not 1 <= p[0] <= p[1] <= t.steps):
+        _fail(
+            "train.profile_steps",
+            f"must be [first, last] with 1 <= first <= last <= train.steps ({t.steps}); got {p}",
+        )
     dp = dims.dp
     if t.global_batch_size % (t.micro_batch_size * dp):
         _fail(
@@ -248,13 +257,18 @@ def _unknown_keys(node: DictConfig, prefix: str) -> Iterator[str]:
             yield from _unknown_keys(value, f"{path}.")
 
 
-def _unknown_key_message(path: str, key: str, names: list[str]) -> str:
+def closest_key_fix(path: str, key: str, names: list[str]) -> str:
+    """The fix for unknown key ``key`` at ``path`` among its parent's ``names``: the closest
+    key (``did you mean train.steps?``), else the keys there are."""
     parent = path.rpartition(".")[0]
     guess = difflib.get_close_matches(key, names, n=1)
     if guess:
-        fix = f"did you mean {parent + '.' if parent else ''}{guess[0]}?"
-    else:
-        fix = f"remove it ({parent or 'the config'} has: {', '.join(names)})"
+        return f"did you mean {parent + '.' if parent else ''}{guess[0]}?"
+    return f"remove it ({parent or 'the config'} has: {', '.join(names)})"
+
+
+def _unknown_key_message(path: str, key: str, names: list[str]) -> str:
+    fix = closest_key_fix(path, key, names)
     return f"{path}: unknown key (a +/++ override cannot add keys the config schema lacks); {fix}"
 
 
@@ -306,12 +320,13 @@ def _unused_train(cfg: Config) -> list[str]:
         found += _unused(
             cfg.train, "train", ["max_skipped_steps"], "with train.nonfinite=stop (it bounds skip)"
         )
-    if cfg.checkpoint.interval == 0:
+    if cfg.checkpoint.interval == 0 and not cfg.checkpoint.final:
         found += _unused(
             cfg.checkpoint,
             "checkpoint",
             ["keep_last"],
-            "with checkpoint.interval=0 (no checkpoint is saved); set checkpoint.interval",
+            "with checkpoint.interval=0 and checkpoint.final=false (no checkpoint is saved); "
+            "set checkpoint.interval or checkpoint.final=true",
         )
     return found
 

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
 BLOCK_ELEMENTS = 1 << 16
@@ -112,6 +111,8 @@ def _block_seed(seed: int, name: str, block: tuple[int, ...]) -> int:
 
 def _region(t: Tensor) -> tuple[Tensor, tuple[int, ...], tuple[int, ...]]:
     """(the local tensor to write, the global shape, the local region's global offset)."""
+    from torch.distributed.tensor import DTensor  # lazy: config checks import this module
+
     if isinstance(t, DTensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

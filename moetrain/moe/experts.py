@@ -19,7 +19,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from moetrain.moe.config import MoEConfig
 
@@ -30,6 +29,8 @@ EXPERT_F_DIM = dict(EXPERT_WEIGHTS)
 
 
 def _local(w: Tensor | None) -> Tensor | None:
+    from torch.distributed.tensor import DTensor  # lazy: config checks import this module
+
     return w.to_local() if isinstance(w, DTensor) else w
 
 

@@ -1,39 +1,66 @@
 """``moetrain-train`` / ``python -m moetrain.train``: the Hydra app that trains a model.
 
-Config mistakes (unknown key, ``+``-appended or not; wrong type; inconsistent settings; missing
-data) stop the run before training with one line naming the setting and the fix (exit status 2;
-Hydra's own message and status 1 for an unknown key without ``+``). A setting away from its
-default that the rest of the config ignores prints one ``moetrain-train: warning:`` line.
+Config mistakes (unknown key, ``+``-appended or not; misspelled preset; wrong type; inconsistent
+settings; missing data or checkpoint) stop the run before training with one line naming the
+setting and the fix (exit status 2), checked before the trainer's heavy imports and before the
+run directory is created (nothing is left behind). A setting away from its default that the rest
+of the config ignores prints one ``moetrain-train: warning:`` line. ``--validate-only``: check
+the command line (as ``launch/torchrun.sh`` does once before starting workers) and exit.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-import moetrain.config  # noqa: F401  (registers the structured config schema)
-from moetrain.config.schema import Config
-from moetrain.config.validate import ineffective_keys, reject_unknown_keys, validate
-from moetrain.train.metrics import bits_per_token
-from moetrain.train.nonfinite import NonFiniteError
-from moetrain.train.trainer import Trainer
+from moetrain.train import startup
 
-# moetrain/configs/: package data, so editable and wheel installs alike find it
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+if TYPE_CHECKING:
+    from moetrain.config.schema import Config
+    from moetrain.train.trainer import Trainer
+
+CONFIG_DIR = str(startup.CONFIG_DIR)
+VALIDATE_ONLY = "--validate-only"
+
+
+def _start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc; None elsewhere."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def default_run_dir() -> Path:
-    """``runs/<torchrun run id>`` (shared by a launch's ranks and restarts), else
-    ``runs/<timestamp>-<pid>``."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    return Path("runs") / (run_id if run_id != "none" else stamp)
+    """``runs/<timestamp>-<pid>``: this process's start, or under torchrun on one node the
+    torchrun agent's (every rank's parent: shared by a launch's ranks and restarts); a
+    multi-node launch uses its rendezvous id (``runs/<RUN_ID>``, which launch/torchrun.sh
+    makes ``moetrain-<timestamp>``). A relaunch gets a new directory: pass ``run.dir=`` to
+    resume one."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    pid, started = os.getpid(), time.time()
+    if run_id is not None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        agent_start = _start_time(os.getppid())
+        if world > int(os.environ.get("LOCAL_WORLD_SIZE", world)) or agent_start is None:
+            return Path("runs") / run_id
+        pid, started = os.getppid(), agent_start
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}-{pid}"
 
 
 def sweep_dir(run_dir: str | None) -> str:
@@ -64,7 +91,7 @@ def resolve_run_dir(cfg: Config) -> Path:
     """``run.dir``, else ``default_run_dir()``; in a Hydra multirun, each job's own
     ``<that dir>/<job number>``. A directory that already holds a run is refused unless it
     has checkpoints to resume from (``checkpoint.resume``): nothing of an earlier run is
-    overwritten."""
+    overwritten. Creates nothing (``setup`` does, once everything is validated)."""
     path = multirun_job_dir()
     if path is None:
         path = Path(cfg.run.dir) if cfg.run.dir else default_run_dir()
@@ -78,13 +105,27 @@ def resolve_run_dir(cfg: Config) -> Path:
             f"run.dir: {path} already holds a run (metrics.jsonl) with no checkpoint to resume "
             "from; choose a new run.dir or remove it"
         )
-    path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def resolve_resume(cfg: Config) -> None:
+    """``checkpoint.resume=<dir>``: a step directory, or a run directory (or its
+    ``checkpoints/``) standing for its newest complete checkpoint, as ``load_model`` and
+    ``moetrain-convert`` accept; set to that step directory. Raises ``CheckpointError``
+    (``checkpoint.resume: ...``) when it holds none. Files are hashed later, by the trainer."""
+    if cfg.checkpoint.resume in ("auto", "never"):
+        return
+    from moetrain.checkpoint.locate import locate
+
+    cfg.checkpoint.resume = str(locate(cfg.checkpoint.resume, "checkpoint.resume", deep=False))
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config ``moetrain-train`` would run with these command-line overrides."""
     from hydra import compose, initialize_config_dir
+
+    import moetrain.config  # noqa: F401  (registers the structured config schema)
+    from moetrain.config.validate import reject_unknown_keys
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         dict_cfg = compose(config_name="config", overrides=overrides)
@@ -104,16 +145,41 @@ def warn(messages: list[str]) -> None:
             print(f"moetrain-train: warning: {message}", file=sys.stderr, flush=True)
 
 
-def setup(dict_cfg: DictConfig) -> tuple[Config, Path, Trainer]:
-    """Config -> (validated Config, run dir, Trainer). Raises ValueError/FileNotFoundError for
-    user errors; warns (``warn``) of settings that have no effect."""
+def checked(dict_cfg: DictConfig, run_dir_check: bool = True) -> tuple[Config, Path]:
+    """Config -> (validated Config, its run dir, not created yet), before any heavy import.
+    Raises ValueError/FileNotFoundError (``CheckpointError`` is one) for user errors.
+    ``run_dir_check=False``: skip the run dir (a sweep's jobs each get their own)."""
+    import moetrain.config  # noqa: F401  (registers the structured config schema)
+    from moetrain.config.validate import reject_unknown_keys, validate
+
     reject_unknown_keys(dict_cfg)  # +key/++key: OmegaConf.to_object would drop it silently
     cfg: Config = OmegaConf.to_object(dict_cfg)  # type: ignore[assignment]
     validate(cfg)
+    resolve_resume(cfg)
+    if not run_dir_check:
+        return cfg, Path(cfg.run.dir or ".")
+    return cfg, resolve_run_dir(cfg)
+
+
+def setup(dict_cfg: DictConfig) -> tuple[Config, Path, Trainer]:
+    """Config -> (validated Config, run dir, Trainer). Raises ValueError/FileNotFoundError for
+    user errors, leaving no run directory behind; warns (``warn``) of settings that have no
+    effect."""
+    from moetrain.config.validate import ineffective_keys
+
+    cfg, run_dir = checked(dict_cfg)
     warn(ineffective_keys(cfg))
-    run_dir = resolve_run_dir(cfg)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run.dir = str(run_dir)
-    trainer = Trainer(cfg, run_dir)
+    try:
+        from moetrain.train.trainer import Trainer
+
+        trainer = Trainer(cfg, run_dir)
+    except BaseException:
+        if created:  # a start-up error leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     if trainer.ctx.is_logging_rank:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     return cfg, run_dir, trainer
@@ -154,6 +220,10 @@ def _main(dict_cfg: DictConfig) -> None:
         if first_rank():
             print(f"moetrain-train: error: {err}", file=sys.stderr)
         sys.exit(2)
+    from moetrain.checkpoint.errors import CheckpointError
+    from moetrain.train.metrics import bits_per_token
+    from moetrain.train.nonfinite import NonFiniteError
+
     logging_rank = trainer.ctx.is_logging_rank
     if logging_rank:
         print(describe(cfg, run_dir, trainer), flush=True)
@@ -164,17 +234,58 @@ def _main(dict_cfg: DictConfig) -> None:
             print(f"moetrain-train: error: {err}", file=sys.stderr, flush=True)
         trainer.close()
         sys.exit(3)
+    except CheckpointError as err:  # e.g. the checkpoint to resume from is damaged
+        if logging_rank:
+            print(f"moetrain-train: error: {err}", file=sys.stderr, flush=True)
+        trainer.close()
+        sys.exit(2)
     trainer.close()
-    if logging_rank and result.val_losses:
-        first, last = result.val_losses[0][1], result.val_losses[-1][1]
-        print(
-            f"moetrain: done; val loss {first:.4f} -> {last:.4f} "
-            f"({bits_per_token(first):.3f} -> {bits_per_token(last):.3f} bits/token); "
-            f"metrics in {run_dir}"
-        )
+    if logging_rank:
+        done, val = "moetrain: done", result.val_history  # the run's, across resumes
+        if val:
+            first, last = val[0][1], val[-1][1]
+            done += (
+                f"; val loss {first:.4f} -> {last:.4f} "
+                f"({bits_per_token(first):.3f} -> {bits_per_token(last):.3f} bits/token)"
+            )
+        saved = result.checkpoint or "none saved (checkpoint.final=false)"
+        print(f"{done}; checkpoint {saved}; metrics in {run_dir}", flush=True)
 
 
-def main() -> None:
+def precheck(args: argparse.Namespace, validate_only: bool) -> None:
+    """Check the command line before Hydra runs the job (and before the trainer's imports):
+    the composed config (a multirun's first job), and for a run the whole of it as ``setup``
+    would. A user error prints one line and exits 2; ``validate_only`` exits 0 when all is
+    well."""
+    from hydra.errors import HydraException
+
+    try:
+        overrides = args.overrides
+        if args.multirun:
+            overrides = startup.first_job_overrides(overrides)
+        dict_cfg = startup.compose_checked(overrides)
+        if args.cfg is None or validate_only:
+            checked(dict_cfg, run_dir_check=not args.multirun)
+    except HydraException as err:
+        startup.fail(startup.hydra_error_line(err))
+    except (ValueError, FileNotFoundError, OmegaConfBaseException) as err:
+        startup.fail(str(err))
+    if validate_only:
+        print("moetrain-train: config ok", flush=True)
+        sys.exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``moetrain-train [--validate-only] [hydra flags] [overrides]``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    validate_only = VALIDATE_ONLY in argv
+    argv = [arg for arg in argv if arg != VALIDATE_ONLY]
+    args = startup.hydra_args(argv)
+    if args.help or args.hydra_help:
+        startup.register_help_schema()
+    elif not (args.shell_completion or args.info):
+        precheck(args, validate_only)
+    sys.argv = [sys.argv[0], *argv]
     _main()
 
 

@@ -83,8 +83,8 @@ def test_a_verification_mismatch_removes_the_output(tmp_path, monkeypatch, capsy
     save_model(model, tmp_path / "native")
     real_load = convert.load_model
 
-    def load_then_perturb(path):
-        loaded = real_load(path)
+    def load_then_perturb(path, *setting):
+        loaded = real_load(path, *setting)
         if path == tmp_path / "out":  # the reload of what was written: one weight off by 1e-3
             with torch.no_grad():
                 loaded.output.weight[0, 0] += 1e-3
