@@ -3,7 +3,8 @@ report both validation losses.
 
     python tools/compare_dense.py [--steps 400] [extra Hydra overrides ...]
 
-Not a test: one run of each, same seed, same data order, same steps and tokens.
+Not a test: one run of each, same seed, same data order, same steps and tokens. The runs write
+to runs/compare_dense-<timestamp>/tiny and .../tiny_dense under the current directory.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def train(model: str, steps: int, out_dir: str, extra: list[str]) -> dict:
     step, val = result.val_losses[-1]
     return {
         "model": model,
-        "params_total": trainer.model.num_params(),
-        "params_active": trainer.model.num_active_params(),
+        "params_total": trainer.num_params,
+        "params_active": trainer.num_active_params,
         "steps": step,
         "val_loss": val,
         "val_bits_per_byte": bits_per_token(val),
@@ -39,9 +40,11 @@ def train(model: str, steps: int, out_dir: str, extra: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--json", action="store_true")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=400, help="training steps of each run")
+    parser.add_argument("--json", action="store_true", help="print one JSON list of both rows")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to both runs")
     args = parser.parse_args()
     out_dir = f"runs/compare_dense-{time.strftime('%Y%m%d-%H%M%S')}"

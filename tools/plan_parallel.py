@@ -10,6 +10,9 @@ process group, once per rank class (docs/parallelism.md, "Memory plan"): seconds
 hundred MB even for DeepSeek-V3 at 2,048 ranks. Bad layouts stop with the same one-line message
 a launch would give (exit status 2); a plan that needs more than --gpu-memory-gb per GPU is
 printed, then one line names the largest rank class and item (exit status 3).
+
+Interleaved pipelines: set parallel.pp_virtual_stages=N like any other key, as a launch would
+(--virtual-stages N is its deprecated alias; giving both with different values is an error).
 """
 
 from __future__ import annotations
@@ -124,28 +127,63 @@ def presets_table(gpu_memory_gb: float) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+VIRTUAL_KEY = "parallel.pp_virtual_stages"
+
+
+def virtual_stages_overrides(overrides: list[str], flag: int | None) -> list[str]:
+    """``overrides`` with the deprecated ``--virtual-stages`` flag folded in as the config key
+    it aliases; a ValueError when the key is also given with another value."""
+    if flag is None:
+        return overrides
+    pairs = [o.lstrip("+").split("=", 1) for o in overrides if "=" in o]
+    given = [value for key, value in pairs if key == VIRTUAL_KEY]
+    if any(value.strip() != str(flag) for value in given):
+        raise ValueError(
+            f"--virtual-stages {flag} disagrees with {VIRTUAL_KEY}={given[-1]}; give only "
+            f"{VIRTUAL_KEY}=N (--virtual-stages is its deprecated alias)"
+        )
+    print(
+        f"plan_parallel: warning: --virtual-stages is deprecated; use {VIRTUAL_KEY}={flag}",
+        file=sys.stderr,
+    )
+    return overrides if given else [*overrides, f"{VIRTUAL_KEY}={flag}"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--world-size", type=int, help="ranks of the launch (required)")
     parser.add_argument(
-        "--virtual-stages", type=int, help="sets parallel.pp_virtual_stages (interleaved PP)"
+        "--virtual-stages",
+        type=int,
+        help=f"deprecated alias of {VIRTUAL_KEY}=N (interleaved pipeline stages per rank)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per-GPU budget")
+    parser.add_argument(
+        "--gpu-memory-gb", type=float, default=80.0, help="per-GPU budget (default 80)"
+    )
     parser.add_argument(
         "--presets-table", action="store_true", help="print docs/parallelism.md's table"
     )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., parallel.*=...)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help=f"Hydra overrides (model=..., parallel.*=..., {VIRTUAL_KEY}=...)",
+    )
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_intermixed_args()  # overrides before and after options
     if args.presets_table:
         print(presets_table(args.gpu_memory_gb))
         return
     if args.world_size is None:
         parser.error("--world-size is required (or --presets-table)")
-    overrides = list(args.overrides)
-    if args.virtual_stages is not None:
-        overrides.append(f"parallel.pp_virtual_stages={args.virtual_stages}")
     try:
+        overrides = virtual_stages_overrides(list(args.overrides), args.virtual_stages)
         cfg = load_config(overrides, args.world_size)
     except (ValueError, OmegaConfBaseException, HydraException) as err:  # LayoutError included
         fail(str(err))

@@ -61,7 +61,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text_files(root: Path, files: Mapping[str, str] | None) -> None:
-    """Write ``files`` (path relative to ``root`` -> text) under ``root``, creating folders."""
+    """Write ``files`` (path relative to ``root`` -> text, as UTF-8) under ``root``, creating
+    folders."""
     for name, text in (files or {}).items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
+        (root / name).write_text(text, encoding="utf-8")

@@ -26,6 +26,7 @@ import torch
 
 from moetrain.checkpoint.errors import CheckpointError, cli_status
 from moetrain.checkpoint.hf import ARCHS, ExportError, arch_of, save_hf
+from moetrain.checkpoint.hf.tokenizer_files import export_tokenizer_files
 from moetrain.checkpoint.native import save_model
 from moetrain.checkpoint.source import load_model
 from moetrain.models import Transformer
@@ -71,7 +72,7 @@ def verify(want: torch.Tensor, dst: Path, fmt: str) -> list[str]:
     reload, then (``hf``) transformers' model. Prints each comparison."""
     checks: dict[str, float] = {}
     with torch.no_grad():
-        reloaded = load_model(dst)
+        reloaded = load_model(dst, "--to")
         tokens = verification_input(reloaded.cfg.vocab_size, reloaded.cfg.max_seq_len)
         checks["moetrain reload"] = _max_diff(reloaded(tokens), want)
         del reloaded
@@ -90,16 +91,28 @@ def verify(want: torch.Tensor, dst: Path, fmt: str) -> list[str]:
     return problems
 
 
+def _tokenizer_files(src: Path, max_seq_len: int) -> dict[str, str]:
+    """The tokenizer files the export carries (none with the byte tokenizer); a warning and
+    none when the run's tokenizer file is gone."""
+    try:
+        return export_tokenizer_files(src, max_seq_len)
+    except FileNotFoundError as err:
+        print(f"moetrain-convert: warning: no tokenizer in the export: {err}", file=sys.stderr)
+        return {}
+
+
 def _write(src: Path, dst: Path, args: argparse.Namespace) -> torch.Tensor | None:
     """Convert ``src`` into ``dst``; the source's logits when ``--verify`` asks for them. The
     source model is read in tensor by tensor and written out tensor by tensor (``hf``) or chunk
     by chunk (``native``), and freed on return: a conversion holds one model."""
-    model = load_model(src)
+    model = load_model(src, "--from")
     want = source_logits(model) if args.verify else None
     if args.format == "hf":
         arch = args.arch or arch_of(model.cfg)
-        save_hf(model, dst, arch, max_shard_bytes=int(args.max_shard_size * 2**30))
-        print(f"wrote {dst} ({arch}, Hugging Face hub layout)")
+        extra = _tokenizer_files(src, model.cfg.max_seq_len)
+        save_hf(model, dst, arch, int(args.max_shard_size * 2**30), extra_files=extra)
+        with_tok = f", tokenizer {', '.join(sorted(extra))}" if extra else ""
+        print(f"wrote {dst} ({arch}, Hugging Face hub layout{with_tok})")
     else:
         save_model(model, dst)
         print(f"wrote {dst} (native, weights only)")
