@@ -165,7 +165,7 @@ def setup(dict_cfg: DictConfig) -> tuple[Config, Path, Trainer]:
     """Config -> (validated Config, run dir, Trainer). Raises ValueError/FileNotFoundError for
     user errors, leaving no run directory behind; warns (``warn``) of settings that have no
     effect."""
-    from moetrain.config.validate import ineffective_keys
+    from moetrain.config.unused import inapplicable_keys, ineffective_keys, mark_inapplicable
 
     cfg, run_dir = checked(dict_cfg)
     warn(ineffective_keys(cfg))
@@ -180,8 +180,9 @@ def setup(dict_cfg: DictConfig) -> tuple[Config, Path, Trainer]:
         if created:  # a start-up error leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    if trainer.ctx.is_logging_rank:
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    if trainer.ctx.is_logging_rank:  # keys the rest of the config makes moot are marked
+        text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        (run_dir / "config.yaml").write_text(mark_inapplicable(text, inapplicable_keys(cfg)))
     return cfg, run_dir, trainer
 
 

@@ -13,12 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from moetrain.config.schema import Config
-from moetrain.config.validate import (
-    ConfigError,
-    ineffective_keys,
-    reject_unknown_keys,
-    validate,
-)
+from moetrain.config.unused import ineffective_keys
+from moetrain.config.validate import ConfigError, reject_unknown_keys, validate
 from moetrain.train import cli
 from moetrain.train.cli import CONFIG_DIR, compose_config
 
@@ -252,3 +248,22 @@ def test_warnings_print_once_per_launch_on_rank_0(monkeypatch, capsys, rank, pri
         assert lines[0].startswith("moetrain-train: warning: optim.momentum=0.9 has no effect")
     else:
         assert lines == []
+
+
+def test_saved_config_marks_the_keys_that_have_no_effect():
+    """The run's config.yaml marks every key the rest of the config makes moot (MLA keys of a
+    GQA model, capacity keys of a dropless one, SGD's momentum under AdamW) with a comment,
+    and loads back to the same config."""
+    from moetrain.config.unused import inapplicable_keys, mark_inapplicable
+
+    cfg = config()
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    marked = mark_inapplicable(text, inapplicable_keys(cfg))
+    lines = {line.strip().split(":", 1)[0]: line for line in marked.splitlines()}
+    for key in ("q_lora_rank", "kv_lora_rank", "drop_policy", "min_capacity", "momentum"):
+        assert "  # no effect with " in lines[key], key
+    assert "# no effect" not in lines["num_kv_heads"] and "# no effect" not in lines["top_k"]
+    assert marked.count("# no effect") == len(inapplicable_keys(cfg))
+    assert OmegaConf.to_container(OmegaConf.create(marked)) == OmegaConf.to_container(
+        OmegaConf.create(text)
+    )
