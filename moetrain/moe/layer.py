@@ -138,18 +138,30 @@ class MoELayer(nn.Module):
         routing noise is keyed by it, and the global aux-loss scope's running counts restart."""
         self.routing_step.start(step)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        cfg = self.cfg
-        if x.shape[-1] != cfg.dim:
-            raise ValueError(
-                f"MoELayer expects [..., {cfg.dim}] (model.moe.dim), got {tuple(x.shape)}"
-            )
+    def _check_input(self, x: Tensor) -> None:
+        dim = self.cfg.dim
+        if x.shape[-1] != dim:
+            raise ValueError(f"MoELayer expects [..., {dim}] (model.moe.dim), got {tuple(x.shape)}")
         weight_dtype = self.experts.w1_EFD.dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
                 f"MoELayer got {x.dtype} input but its weights are {weight_dtype}: cast the "
                 "layer (layer.to(dtype)) or run under torch.autocast"
             )
+
+    def _route(self, x: Tensor, token_ids: Tensor | None, call: int) -> RouterOutput:
+        """The router on the whole (gathered) micro-batch ``x``; a router that draws noise gets
+        this call's counter-keyed draws."""
+        x_TD = x.reshape(-1, self.cfg.dim)
+        with record_function("moe/router"):  # named ranges: train.profile_steps traces
+            if not self.router.draws_noise:
+                return self.router(x_TD, token_ids)
+            noise = self.routing_step.noise(call, self.training, self.layer_idx or 0, x)
+            return self.router(x_TD, token_ids, noise=noise)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        cfg = self.cfg
+        self._check_input(x)
         sp = self.sequence_parallel
         if sp is not None:
             if x.dim() != 3:
@@ -159,12 +171,7 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, cfg.dim)
         recompute = recomputing()
         call = self.routing_step.next_call(self.training, recompute)
-        with record_function("moe/router"):  # named ranges: train.profile_steps traces
-            if self.router.draws_noise:
-                noise = self.routing_step.noise(call, self.training, self.layer_idx or 0, x)
-                routed = self.router(x_TD, token_ids, noise=noise)
-            else:
-                routed = self.router(x_TD, token_ids)
+        routed = self._route(x, token_ids, call)
         record = self.training and not recompute
         keep_TK, capacity = self._apply_capacity(routed)
         if record:  # aux-loss-free balancing counts assignments, or kept ones (bias_load)
