@@ -51,11 +51,12 @@ class Router(nn.Module, ABC):
     later pipeline stages); ``uses_expert_bias`` — supports ``bias_update_rate`` (aux-loss-free
     balancing); ``supports_groups`` — supports group-limited routing (``num_groups > 1``);
     ``draws_noise`` — stochastic: the layer passes ``noise=`` to :meth:`forward` (routers
-    without it may keep the two-argument signature).
+    without it may keep the two-argument signature; an instance may set it from its config, so
+    routers that draw only under some options build no noise keys otherwise).
     """
 
     needs_token_ids: ClassVar[bool] = False
-    draws_noise: ClassVar[bool] = False
+    draws_noise: bool = False
     uses_expert_bias: ClassVar[bool] = False
     supports_groups: ClassVar[bool] = False
 

@@ -35,13 +35,13 @@ class TopKRouter(Router):
 
     uses_expert_bias = True
     supports_groups = True
-    draws_noise = True  # router_jitter
 
     expert_bias_E: Tensor
     step_load_E: Tensor
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
+        self.draws_noise = cfg.router_jitter > 0  # no noise keys to build without jitter
         self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
         # Aux-loss-free balancing state: the bias (selection only) and this step's loads.
         self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts), persistent=True)
