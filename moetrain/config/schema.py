@@ -29,6 +29,7 @@ class TrainConfig:
     seq_len: int = 256
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     dtype: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights)
+    compile: bool = False  # torch.compile each decoder block (regional compilation)
     log_interval: int = 10
     eval_interval: int = 100  # 0 disables periodic evaluation (the final one always runs)
     eval_batches: int = 8

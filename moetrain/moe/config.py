@@ -13,6 +13,7 @@ from typing import List, NoReturn, Optional
 from moetrain.moe.router_registry import ROUTERS
 
 ACTIVATIONS = ("swiglu", "gelu")
+EXPERTS_IMPLS = ("auto", "loop", "grouped_mm")
 DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
 AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global")
@@ -33,6 +34,8 @@ class MoEConfig:
     dim: int = 128
     hidden_dim: int = 256
     activation: str = "swiglu"
+    # how the routed experts' GEMMs run: auto | loop | grouped_mm (docs/moe.md)
+    experts_impl: str = "auto"
     # capacity / dropping
     capacity_factor: Optional[float] = None
     min_capacity: int = 4
@@ -66,6 +69,7 @@ class MoEConfig:
         """Raise ``ValueError`` naming the first inconsistent field."""
         _positive(self, "num_experts", "dim", "hidden_dim", "top_k", "num_groups", "topk_groups")
         _choice(self, "activation", ACTIVATIONS)
+        _choice(self, "experts_impl", EXPERTS_IMPLS)
         _choice(self, "drop_policy", DROP_POLICIES)
         _choice(self, "score_func", SCORE_FUNCS)
         _choice(self, "router_type", tuple(ROUTERS))
