@@ -4,7 +4,9 @@ The op schemas, autograd and fake kernels are defined in Python (``moetrain.ops.
 ``moetrain.ops.sort``); the extension ``moetrain._C`` (built from ``csrc/`` by setup.py) only
 registers CPU and CUDA kernels for them, so it is loaded *after* the Python definitions. Without
 it, the reference registered as ``CompositeExplicitAutograd`` runs everywhere — never silently:
-:func:`active_backend` says which and why, and the trainer prints it at start.
+:func:`active_backend` says which and why, and the trainer prints it at start. The compiled
+kernels check themselves against the references on first use (``moetrain.ops.selfcheck``) and
+give way to them on a mismatch.
 
 ``MOETRAIN_NO_CSRC=1`` skips loading (and building) the extension; the csrc tests then skip
 instead of failing on a missing build.
@@ -16,17 +18,19 @@ import contextlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 # define the ops first: the extension registers kernels for them and must load after
 from moetrain.ops.permute import REFERENCES as PERMUTE_REFERENCES
+from moetrain.ops.selfcheck import postponed, selfcheck_results, status_note
 from moetrain.ops.sort import REFERENCES as SORT_REFERENCES
 
 EXTENSION = "moetrain._C"
 # op name -> pure-torch reference, for every op the extension implements
-REFERENCES = {**PERMUTE_REFERENCES, **SORT_REFERENCES}
+REFERENCES: dict[str, Callable[..., Any]] = {**PERMUTE_REFERENCES, **SORT_REFERENCES}
 OPS = tuple(f"moetrain::{name}" for name in REFERENCES)
 
 
@@ -62,22 +66,33 @@ def extension_error() -> str | None:
     return _NOT_LOADED
 
 
-def _has_kernel(op: str, device_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op, device_key)
+def compiled_ops(device_key: str) -> list[str]:
+    """The ops with a kernel registered for ``device_key`` ("CPU", "CUDA"): the compiled ones,
+    unless something registered over them (the self-check's fallback, ``reference_kernels``)."""
+    return [op for op in OPS if torch._C._dispatch_has_kernel_for_dispatch_key(op, device_key)]
 
 
 def active_backend(device_key: str = "CPU") -> str:
-    """Which kernels run the ops on ``device_key`` ("CPU" or "CUDA"), in words, e.g.
-    ``csrc (C++ CPU, OpenMP 2 threads)`` or ``pure-torch reference (extension not built: ...)``."""
-    compiled = [op for op in OPS if _has_kernel(op, device_key)]
+    """Which kernels run the ops on ``device_key`` ("CPU" or "CUDA"), in words, with the
+    self-check's outcome, e.g. ``csrc (C++ CPU, OpenMP 2 threads; self-check passed)``,
+    ``pure-torch reference (csrc self-check failed on CPU: moetrain::permute max abs diff 1)``
+    or ``pure-torch reference (extension not built: ...)``."""
+    if selfcheck_results().get(device_key, {}).get("status") == "failed":
+        return f"pure-torch reference ({status_note(device_key)})"
+    compiled = compiled_ops(device_key)
     if len(compiled) == len(OPS):
         if device_key == "CPU":
             n = torch.get_num_threads()
-            return f"csrc (C++ CPU, OpenMP {n} thread{'s' if n > 1 else ''})"
-        return f"csrc ({device_key})"
+            kind = f"C++ CPU, OpenMP {n} thread{'s' if n > 1 else ''}"
+        else:
+            kind = device_key
+        return f"csrc ({kind}; {status_note(device_key)})"
     if compiled:  # a stale build that predates some op
         missing = sorted(set(OPS) - set(compiled))
-        return f"csrc for {', '.join(compiled)}; pure-torch reference for {', '.join(missing)}"
+        return (
+            f"csrc for {', '.join(compiled)}; pure-torch reference for {', '.join(missing)} "
+            f"({status_note(device_key)})"
+        )
     if _NOT_LOADED is not None:
         return f"pure-torch reference (extension not built: {_NOT_LOADED})"
     return f"pure-torch reference (the extension was built without {device_key} kernels)"
@@ -87,7 +102,8 @@ def active_backend(device_key: str = "CPU") -> str:
 def reference_kernels(device_key: str = "CPU") -> Iterator[None]:
     """Run the ops on ``device_key`` with the pure-torch references while inside the block,
     whatever is compiled (benchmarks and tests compare the two in one process). The autograd and
-    fake registrations are unchanged: only the device kernels are swapped."""
+    fake registrations are unchanged: only the device kernels are swapped. The first-use
+    self-check waits for the block to end (it checks the compiled kernels, not these)."""
     lib = torch.library.Library("moetrain", "IMPL")
     try:
         with warnings.catch_warnings():
@@ -96,6 +112,7 @@ def reference_kernels(device_key: str = "CPU") -> Iterator[None]:
             warnings.simplefilter("ignore", UserWarning)
             for name, fn in REFERENCES.items():
                 lib.impl(name, fn, device_key)
-        yield
+        with postponed(device_key):
+            yield
     finally:
         lib._destroy()

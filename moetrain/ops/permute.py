@@ -7,12 +7,19 @@ Both ops live in the ``moetrain`` op namespace. The pure-torch reference below i
 the ``CompositeExplicitAutograd`` kernel; compiled kernels registered later with
 ``TORCH_LIBRARY_IMPL(moetrain, CPU|CUDA, ...)`` take precedence for their device and must keep
 these schemas. Autograd and fake (meta) kernels are registered here, once for every backend.
+The public wrappers (and unpermute's backward) run the compiled kernels' first-use self-check
+(``moetrain.ops.selfcheck``) before the op.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from moetrain.ops.selfcheck import ensure_checked
 
 _LIB = torch.library.Library("moetrain", "DEF")
 _LIB.define("permute(Tensor x, Tensor row_token) -> Tensor")
@@ -33,9 +40,8 @@ def permute_reference(x_TD: Tensor, row_token_R: Tensor) -> Tensor:
     """``rows_RD[r] = x_TD[row_token_R[r]]``; padding rows (-1) are zero."""
     pad = row_token_R < 0
     rows = x_TD.index_select(0, row_token_R.clamp(min=0))
-    if pad.any():  # host sync only matters on GPU; padding exists only with pad_to_capacity
-        rows = rows.masked_fill(pad.unsqueeze(-1), 0)
-    return rows
+    # unconditionally: testing for padding first (``pad.any()``) would be a host sync on a GPU
+    return rows.masked_fill(pad.unsqueeze(-1), 0)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,8 +62,9 @@ def unpermute_reference(
     if row_weight_R is not None:
         src = src * row_weight_R.to(acc).unsqueeze(-1)
     pad = row_token_R < 0
-    if pad.any():  # only with pad_to_capacity; where() also drops NaN/Inf in padding rows
-        src = torch.where(pad.unsqueeze(-1), 0, src)
+    # where(), not a product: it also drops NaN/Inf in padding rows; unconditionally, as testing
+    # for padding first would be a host sync on a GPU
+    src = torch.where(pad.unsqueeze(-1), 0, src)
     out = torch.zeros(num_tokens, rows_RD.shape[-1], dtype=acc, device=rows_RD.device)
     out.index_add_(0, row_token_R.clamp(min=0), src)
     return out.to(rows_RD.dtype)
@@ -79,7 +86,7 @@ def unpermute_backward_reference(
 
 
 # op name -> reference; also what ``moetrain.ops.reference_kernels()`` swaps in for a device
-REFERENCES = {
+REFERENCES: dict[str, Callable[..., Any]] = {
     "permute": permute_reference,
     "unpermute": unpermute_reference,
     "unpermute_backward": unpermute_backward_reference,
@@ -132,6 +139,8 @@ def _unpermute_setup(ctx, inputs, output) -> None:
 def _unpermute_backward(ctx, grad_out):
     # d/drows = w * g[token(r)] and d/dw_r = <g[token(r)], rows_r>.
     rows, row_token, row_weight = ctx.saved_tensors
+    # the forward may have been called as torch.ops.moetrain.unpermute, past the wrappers' check
+    ensure_checked(grad_out)
     needs_rows = ctx.needs_input_grad[0]
     needs_weight = row_weight is not None and ctx.needs_input_grad[2]
     if not (needs_rows or needs_weight):
@@ -169,6 +178,7 @@ torch.library.register_autograd(
 def permute(x_TD: Tensor, row_token_R: Tensor) -> Tensor:
     """Gather token rows into expert order. Args: ``x_TD`` [T, D]; ``row_token_R`` int64 [R]
     (-1 = padding row). Returns ``rows_RD`` [R, D]; its gradient scatter-adds back to tokens."""
+    ensure_checked(x_TD)
     return torch.ops.moetrain.permute(x_TD, row_token_R)
 
 
@@ -181,4 +191,5 @@ def unpermute(
     [R] router weights or None (weight 1); ``num_tokens`` T. Returns ``y_TD`` [T, D] in
     ``rows_RD.dtype``, accumulated in fp32. Differentiable w.r.t. rows and weights.
     """
+    ensure_checked(rows_RD)
     return torch.ops.moetrain.unpermute(rows_RD, row_token_R, row_weight_R, num_tokens)

@@ -187,13 +187,19 @@ def setup(dict_cfg: DictConfig) -> tuple[Config, Path, Trainer]:
 
 
 def describe(cfg: Config, run_dir: Path, trainer: Trainer) -> str:
-    from moetrain.ops import active_backend
+    from moetrain.ops import active_backend, self_check
 
     d = trainer.ctx.dims
+    device = trainer.ctx.device
+    if device.type in ("cpu", "cuda"):
+        # compare the compiled kernels with the references now, so the line below reports the
+        # outcome (a compiled graph could otherwise call them without the first-use check)
+        self_check(device)
+    backend = active_backend(device.type.upper())
     return (
         f"moetrain: run dir {run_dir}\n"
         f"  model {trainer.num_params / 1e6:.2f}M params ({trainer.num_active_params / 1e6:.2f}M "
-        f"active), {trainer.num_moe_layers} MoE layers; ops backend: {active_backend()}\n"
+        f"active), {trainer.num_moe_layers} MoE layers; ops backend: {backend}\n"
         f"  layout: {d.describe()}; {trainer.placement.describe(d)}; "
         f"backend {trainer.ctx.backend}\n"
         f"  data {data_summary(trainer.data_meta)}\n"
