@@ -289,7 +289,7 @@ def setup(shape: Shape) -> Bench:
         routed = layer.router(x_TD, None)
     rows = sort_by_expert(Routing(routed.topk_ids_TK, routed.topk_weights_TK), shape.num_experts)
     send_Pe = rows.tokens_per_expert_E.view(world, -1)
-    recv_Pe, _ = FlatAllToAll(None).exchange_counts(send_Pe)
+    recv_Pe = FlatAllToAll(None).exchange_counts(send_Pe).recv_Pe
     return Bench(shape, layer, x_TD, g_TD, send_Pe, recv_Pe, gen)
 
 

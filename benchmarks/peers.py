@@ -56,13 +56,14 @@ def _inputs(shape: Shape, three_d: bool = False, seed: int = 1) -> tuple[Tensor,
     return x, torch.randn(size, generator=gen)
 
 
-def _moe_config(shape: Shape) -> MoEConfig:
+def _moe_config(shape: Shape, experts_impl: str = "auto") -> MoEConfig:
     return MoEConfig(
         num_experts=shape.num_experts,
         top_k=shape.top_k,
         dim=shape.dim,
         hidden_dim=shape.hidden_dim,
         capacity_factor=shape.capacity_factor,
+        experts_impl=experts_impl,
     )
 
 
@@ -71,15 +72,16 @@ def _zero_grads(module: nn.Module, x: Tensor) -> None:
     x.grad = None
 
 
-def _layer(shape: Shape) -> MoELayer:
+def _layer(shape: Shape, experts_impl: str = "auto") -> MoELayer:
     """The layer every moetrain peer starts from (seed 0: the same weights everywhere)."""
     torch.manual_seed(0)
-    return MoELayer(_moe_config(shape))
+    return MoELayer(_moe_config(shape, experts_impl))
 
 
-def moetrain_peer(shape: Shape) -> Peer:
-    """``MoELayer`` as the trainer builds it (csrc ops when loaded)."""
-    layer = _layer(shape)
+def moetrain_peer(shape: Shape, experts_impl: str = "auto") -> Peer:
+    """``MoELayer`` as the trainer builds it (csrc ops when loaded), its experts run by
+    ``experts_impl`` (``auto``: the device's default)."""
+    layer = _layer(shape, experts_impl)
     x, g = _inputs(shape)
 
     def step() -> None:
@@ -254,7 +256,9 @@ def _deepspeed_kept_rows(gate_out: tuple, shape: Shape) -> int:
 
 
 PEERS: dict[str, Callable[[Shape], Peer]] = {
-    "moetrain": moetrain_peer,
+    "moetrain": moetrain_peer,  # experts_impl=auto: the loop on CPU, grouped_mm on CUDA
+    "moetrain_loop": lambda shape: moetrain_peer(shape, "loop"),
+    "moetrain_grouped_mm": lambda shape: moetrain_peer(shape, "grouped_mm"),
     "moetrain_reference_ops": moetrain_reference_ops_peer,
     "reference": reference_peer,
     "balanced_bmm": balanced_bmm_peer,
@@ -276,11 +280,13 @@ def ep_inputs(shape: Shape, rank: int) -> tuple[Tensor, Tensor]:
     return _inputs(shape, seed=1 + rank)
 
 
-def ep_moetrain_layer(shape: Shape, group: Any = None, overlap_chunks: int = 1) -> MoELayer:
+def ep_moetrain_layer(
+    shape: Shape, group: Any = None, overlap_chunks: int = 1, experts_impl: str = "auto"
+) -> MoELayer:
     """The single-process peer's layer (same seed, same weights) keeping only this rank's E/EP
     experts and dispatching through an ``AllToAllDispatcher`` over ``group`` (None: the
     default group)."""
-    layer = _layer(shape)
+    layer = _layer(shape, experts_impl)
     dispatcher = AllToAllDispatcher(shape.num_experts, group, overlap_chunks)
     keep_local_experts(layer, dist.get_rank(group), dispatcher.num_local)
     layer.dispatcher = dispatcher
@@ -299,9 +305,9 @@ def keep_local_experts(layer: MoELayer, ep_rank: int, num_local: int) -> None:
     layer.experts = experts
 
 
-def ep_moetrain_peer(shape: Shape, overlap_chunks: int = 1) -> Peer:
+def ep_moetrain_peer(shape: Shape, overlap_chunks: int = 1, experts_impl: str = "auto") -> Peer:
     """``ep_moetrain_layer`` on this rank's ``ep_inputs`` (collective steps)."""
-    layer = ep_moetrain_layer(shape, None, overlap_chunks)
+    layer = ep_moetrain_layer(shape, None, overlap_chunks, experts_impl)
     x, g = ep_inputs(shape, dist.get_rank())
 
     def step() -> None:
@@ -329,6 +335,8 @@ def ep_balanced_bmm_peer(shape: Shape) -> Peer:
 
 EP_PEERS: dict[str, Callable[[Shape], Peer]] = {
     "moetrain": ep_moetrain_peer,
+    "moetrain_loop": lambda shape: ep_moetrain_peer(shape, experts_impl="loop"),
+    "moetrain_grouped_mm": lambda shape: ep_moetrain_peer(shape, experts_impl="grouped_mm"),
     "moetrain_overlap2": lambda shape: ep_moetrain_peer(shape, overlap_chunks=2),
     "deepspeed": ep_deepspeed_peer,
     "balanced_bmm": ep_balanced_bmm_peer,

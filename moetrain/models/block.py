@@ -16,6 +16,7 @@ from moetrain.models.config import ModelConfig
 from moetrain.models.mlp import FeedForward
 from moetrain.models.norms import RMSNorm
 from moetrain.moe.layer import MoELayer
+from moetrain.phases import phase
 
 
 class TransformerBlock(nn.Module):
@@ -60,7 +61,10 @@ class TransformerBlock(nn.Module):
     def _forward(
         self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, tokens_BS: Tensor | None
     ) -> Tensor:
-        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos_Sd, sin_Sd)
+        attn_in_BSD = self.attention_norm(x_BSD)
+        with phase("attention"):  # a named range: profiler traces, moetrain.phases timing
+            attn_BSD = self.attention(attn_in_BSD, cos_Sd, sin_Sd)
+        h_BSD = x_BSD + attn_BSD
         normed_BSD = self.ffn_norm(h_BSD)
         if isinstance(self.feed_forward, MoELayer):
             return h_BSD + self.feed_forward(normed_BSD, token_ids=tokens_BS)

@@ -17,7 +17,9 @@ also available on their own:
     expert_input_RD, tokens_per_local_expert_e = dispatcher.dispatch(x_TD, routing)
     y_TD = dispatcher.combine(expert_output_RD)
 
-``tokens_per_local_expert_e`` is an int64 CPU tensor (the grouped expert GEMM's split sizes).
+``tokens_per_local_expert_e`` (int64) holds the grouped expert GEMM's split sizes, on the rows'
+device when the dispatcher needed no host sync to build them, else on the host (docs/moe.md,
+"Host syncs").
 A dispatcher keeps what ``combine`` needs from the last ``dispatch``. ``TokenDispatcher`` is the
 single-process one (a local permute); expert-parallel dispatchers are tested against it.
 """
@@ -30,9 +32,9 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from torch.profiler import record_function
 
 from moetrain.ops import expert_sort, permute, unpermute
+from moetrain.phases import phase
 
 
 @dataclass
@@ -52,38 +54,82 @@ class Routing:
 @dataclass
 class ExpertRows:
     """Where each expert row comes from: ``row_token_R`` (-1 = padding), ``row_weight_R``
-    (differentiable, 0 on padding) and the rows per expert ``tokens_per_expert_E`` (CPU)."""
+    (differentiable, 0 on padding) and the rows per expert ``tokens_per_expert_E`` (int64; on the
+    device when no host sync was needed to build the rows, else on the host)."""
 
     row_token_R: Tensor
     row_weight_R: Tensor
     tokens_per_expert_E: Tensor
 
 
-def sort_by_expert(routing: Routing, num_experts: int) -> ExpertRows:
-    """Order the kept assignments by expert (token order inside each expert)."""
+@dataclass
+class ExpertOrder:
+    """The counting sort's result, all on the routing's device: ``order_A`` (assignment
+    indices, expert-major, dropped ones last), ``flat_ids_A`` (expert id per assignment, E for
+    a dropped one) and ``counts_E`` (kept assignments per expert)."""
+
+    order_A: Tensor
+    flat_ids_A: Tensor
+    counts_E: Tensor
+
+
+def expert_order(routing: Routing, num_experts: int) -> ExpertOrder:
+    """Sort the assignments by expert on the device (no host sync)."""
     E = num_experts
-    K = routing.topk_ids_TK.shape[-1]
     flat_ids = routing.topk_ids_TK.flatten()
     if routing.keep_TK is not None:
         flat_ids = flat_ids.masked_fill(~routing.keep_TK.flatten(), E)  # dropped sort last
     order, counts = expert_sort(flat_ids, E + 1)  # a counting sort; bin E = dropped
-    counts_E = counts[:E]
-    # host sync: the expert GEMMs need the split sizes on the host
-    counts_cpu = counts_E.cpu()
-    num_rows = int(counts_cpu.sum())
-    order = order[:num_rows]
-    row_token_R = order // K
-    row_weight_R = routing.topk_weights_TK.flatten()[order]
+    return ExpertOrder(order, flat_ids, counts[:E])
+
+
+def expert_rows(
+    routing: Routing, ordered: ExpertOrder, host_counts: list[int] | None = None
+) -> ExpertRows:
+    """The rows of :func:`expert_order`'s kept assignments (token order inside each expert).
+
+    Dropless and padded rows have host-known shapes and need no host sync; when capacity drops
+    assignments without padding, the number of rows is read from ``host_counts`` (the kept
+    counts per expert, when the caller already has them on the host) or, failing that, from the
+    device (one host sync).
+    """
+    K = routing.topk_ids_TK.shape[-1]
+    order, counts_E = ordered.order_A, ordered.counts_E
     C = routing.pad_to_capacity
-    if C is None:
-        return ExpertRows(row_token_R, row_weight_R, counts_cpu)
-    expert_R = flat_ids[order]
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    slot_R = expert_R * C + torch.arange(num_rows, device=order.device) - starts_E[expert_R]
-    padded_token = torch.full((E * C,), -1, dtype=row_token_R.dtype, device=order.device)
-    padded_token = padded_token.scatter(0, slot_R, row_token_R)
-    padded_weight = row_weight_R.new_zeros(E * C).scatter(0, slot_R, row_weight_R)
-    return ExpertRows(padded_token, padded_weight, torch.full((E,), C, dtype=torch.long))
+    if C is not None:
+        return _padded_rows(routing, ordered, C)
+    tokens_per_expert = counts_E
+    if routing.keep_TK is not None:
+        if host_counts is None:
+            host_counts = counts_E.tolist()  # host sync: the rows kept after dropping (a shape)
+        order = order[: sum(host_counts)]
+        tokens_per_expert = torch.tensor(host_counts, dtype=torch.long)
+    row_weight_R = routing.topk_weights_TK.flatten()[order]
+    return ExpertRows(order // K, row_weight_R, tokens_per_expert)
+
+
+def _padded_rows(routing: Routing, ordered: ExpertOrder, C: int) -> ExpertRows:
+    """Every expert's rows padded to ``C`` slots; dropped assignments go to one spare slot that
+    is cut off, so the shapes never depend on the routing."""
+    K = routing.topk_ids_TK.shape[-1]
+    order, counts_E = ordered.order_A, ordered.counts_E
+    E = counts_E.shape[0]
+    expert_A = ordered.flat_ids_A[order]
+    starts_E1 = torch.cumsum(counts_E, 0) - counts_E
+    starts_E1 = torch.cat([starts_E1, starts_E1.new_zeros(1)])
+    rank_A = torch.arange(order.shape[0], device=order.device) - starts_E1[expert_A]
+    slot_A = torch.where(expert_A < E, expert_A * C + rank_A, E * C)
+    token = torch.full((E * C + 1,), -1, dtype=order.dtype, device=order.device)
+    token = token.scatter(0, slot_A, order // K)[: E * C]
+    weights = routing.topk_weights_TK.flatten()[order]
+    weight = weights.new_zeros(E * C + 1).scatter(0, slot_A, weights)[: E * C]
+    return ExpertRows(token, weight, torch.full((E,), C, dtype=torch.long))
+
+
+def sort_by_expert(routing: Routing, num_experts: int) -> ExpertRows:
+    """Order the kept assignments by expert (token order inside each expert): at most one host
+    sync, only when capacity drops assignments without padding."""
+    return expert_rows(routing, expert_order(routing, num_experts))
 
 
 ExpertsFn = Callable[..., Tensor]  # experts(rows_RD, tokens_per_local_expert_e) -> rows_RD
@@ -111,11 +157,11 @@ def run_sequentially(
     overlap_fn: Callable[[], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """dispatch -> experts -> combine, then ``overlap_fn`` (nothing to hide it behind)."""
-    with record_function("moe/dispatch"):  # named ranges: train.profile_steps traces
+    with phase("moe/dispatch"):  # named ranges: profiler traces, moetrain.phases timing
         rows_RD, tokens_per_expert = dispatcher.dispatch(x_TD, routing)
-    with record_function("moe/experts"):
+    with phase("moe/experts"):
         out_RD = experts(rows_RD, tokens_per_expert)
-    with record_function("moe/combine"):
+    with phase("moe/combine"):
         y_TD = dispatcher.combine(out_RD)
     return y_TD, overlap_fn() if overlap_fn is not None else None
 

@@ -17,7 +17,6 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import record_function
 
 from moetrain.moe.aux_losses import (
     CountReduce,
@@ -34,6 +33,7 @@ from moetrain.moe.router import Router, RouterOutput
 from moetrain.moe.router_registry import build_router
 from moetrain.moe.shared_experts import SharedExperts
 from moetrain.moe.step_state import RoutingStep
+from moetrain.phases import phase
 
 
 @dataclass
@@ -153,7 +153,7 @@ class MoELayer(nn.Module):
         """The router on the whole (gathered) micro-batch ``x``; a router that draws noise gets
         this call's counter-keyed draws."""
         x_TD = x.reshape(-1, self.cfg.dim)
-        with record_function("moe/router"):  # named ranges: train.profile_steps traces
+        with phase("moe/router"):  # named ranges: profiler traces, moetrain.phases timing
             if not self.router.draws_noise:
                 return self.router(x_TD, token_ids)
             noise = self.routing_step.noise(call, self.training, self.layer_idx or 0, x)
@@ -198,7 +198,7 @@ class MoELayer(nn.Module):
                 routing.pad_to_capacity,
             )
             out_shape = torch.Size((x.shape[0], idx.numel() // x.shape[0], cfg.dim))
-        with record_function("moe/dispatcher"):
+        with phase("moe/dispatcher"):
             routed_TD, shared_TD = self.dispatcher.run(
                 x_local_TD, routing, self.experts, self._shared_fn(x)
             )

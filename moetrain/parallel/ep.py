@@ -32,9 +32,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moetrain.moe.dispatcher import ExpertRows, ExpertsFn, Routing, run_sequentially, sort_by_expert
+from moetrain.moe.dispatcher import (
+    ExpertRows,
+    ExpertsFn,
+    Routing,
+    expert_order,
+    expert_rows,
+    run_sequentially,
+)
 from moetrain.ops import permute, unpermute
-from moetrain.parallel.ep_comm import EPExchange, FlatAllToAll, Splits, segment_order
+from moetrain.parallel.ep_comm import EPExchange, FlatAllToAll, HostCounts, Splits, segment_order
 from moetrain.parallel.ep_overlap import overlapped_experts, plan_chunks
 
 A2A_MODES = ("flat", "hierarchical")
@@ -90,12 +97,22 @@ def exchange(
 
 @dataclass
 class _Routed:
-    """One call's routing as the exchange needs it (CPU counts)."""
+    """One call's routing as the exchange needs it (host counts)."""
 
     rows: ExpertRows
-    send_Pe: Tensor  # rows to (destination rank, local expert)
-    recv_Pe: Tensor  # rows from (source rank, local expert)
-    full_PE: Tensor | None  # every rank's rows per global expert (hierarchical only)
+    counts: HostCounts
+
+    @property
+    def send_Pe(self) -> Tensor:  # rows to (destination rank, local expert)
+        return self.counts.send_Pe
+
+    @property
+    def recv_Pe(self) -> Tensor:  # rows from (source rank, local expert)
+        return self.counts.recv_Pe
+
+    @property
+    def full_PE(self) -> Tensor | None:  # every rank's rows per global expert (hierarchical)
+        return self.counts.full_PE
 
     def splits(self) -> Splits:
         full = None
@@ -134,11 +151,14 @@ class AllToAllDispatcher:
         self._state: tuple[ExpertRows, int, Splits, Tensor] | None = None
 
     def _route(self, x_TD: Tensor, routing: Routing) -> _Routed:
-        rows = sort_by_expert(routing, self.num_experts)
-        # counts per (destination rank, local expert) -> per (source rank, local expert)
-        send_Pe = rows.tokens_per_expert_E.view(self.ep, self.num_local)
-        recv_Pe, full_PE = self.comm.exchange_counts(send_Pe.to(x_TD.device))
-        return _Routed(rows, send_Pe, recv_Pe, full_PE)
+        ordered = expert_order(routing, self.num_experts)
+        C = routing.pad_to_capacity
+        sent_E = ordered.counts_E if C is None else torch.full_like(ordered.counts_E, C)
+        # counts per (destination rank, local expert) -> per (source rank, local expert): the
+        # layer's one host sync, which also gives the kept rows' count after dropping
+        counts = self.comm.exchange_counts(sent_E.view(self.ep, self.num_local))
+        rows = expert_rows(routing, ordered, counts.send_Pe.flatten().tolist())
+        return _Routed(rows, counts)
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         routed = self._route(x_TD, routing)

@@ -47,6 +47,18 @@ class Splits:
         return Splits(self.recv, self.send, full)
 
 
+@dataclass(frozen=True)
+class HostCounts:
+    """One layer call's row counts, on the host after the exchange's single host sync:
+    ``send_Pe`` rows this rank sends per (destination rank, local expert), ``recv_Pe`` rows it
+    receives per (source rank, local expert), and ``full_PE`` (hierarchical only) every rank's
+    rows per global expert. The gradient exchanges of backward reuse them: no second exchange."""
+
+    send_Pe: Tensor
+    recv_Pe: Tensor
+    full_PE: Tensor | None = None
+
+
 class Pending(Protocol):
     def wait(self) -> Tensor: ...
 
@@ -58,7 +70,7 @@ class EPExchange(Protocol):
     size: int  # P
     rank: int  # this rank's EP rank
 
-    def exchange_counts(self, send_Pe: Tensor) -> tuple[Tensor, Tensor | None]: ...
+    def exchange_counts(self, send_Pe: Tensor) -> HostCounts: ...
 
     def start(self, x_RD: Tensor, splits: Splits, what: str = "ep exchange") -> Pending: ...
 
@@ -118,14 +130,16 @@ class FlatAllToAll:
         self.rank = dist.get_rank(group)
         self.label, self.counts_what = group_label(group, name), f"{name} counts"
 
-    def exchange_counts(self, send_Pe: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Rows per (destination rank, local expert) -> rows per (source rank, local expert)."""
+    def exchange_counts(self, send_Pe: Tensor) -> HostCounts:
+        """Rows per (destination rank, local expert) -> rows per (source rank, local expert);
+        ``send_Pe`` on the rows' device, both returned on the host."""
         recv_Pe = torch.empty_like(send_Pe)
         with collective("all_to_all", self.counts_what, self.label):
             # counts travel on the rows' device (NCCL needs device tensors, gloo takes CPU ones)
             dist.all_to_all_single(recv_Pe, send_Pe, group=self.group)
-            recv_Pe = recv_Pe.cpu()  # host sync: the split sizes of the row exchange
-        return recv_Pe, None
+            # host sync: the split sizes of the row exchange, both directions in one copy
+            both = torch.stack([send_Pe, recv_Pe]).cpu()
+        return HostCounts(both[0], both[1])
 
     def start(self, x_RD: Tensor, splits: Splits, what: str = "ep exchange") -> Pending:
         return _issue(x_RD, splits.send, splits.recv, self.group, what, self.label)
@@ -193,7 +207,7 @@ class HierarchicalAllToAll:
         self.node_label = group_label(groups.node, "ep node")
         self.peers_label = group_label(groups.peers, "ep peer")
 
-    def exchange_counts(self, send_Pe: Tensor) -> tuple[Tensor, Tensor | None]:
+    def exchange_counts(self, send_Pe: Tensor) -> HostCounts:
         """Every rank learns every rank's rows per global expert (``full_PE``, needed to forward
         other ranks' rows): gathered inside the node, then across peers."""
         counts_E = send_Pe.flatten().contiguous()
@@ -204,10 +218,12 @@ class HierarchicalAllToAll:
         full_NLE = node_LE.new_empty(self.N * node_LE.numel())
         with collective("all_gather", "ep counts", self.peers_label):
             dist.all_gather_into_tensor(full_NLE, node_LE, group=self.groups.peers)
-            full_PE = full_NLE.view(self.size, -1).cpu()  # host sync: split sizes
+            # host sync: every split size of both stages (this rank's sends included)
+            full_PE = full_NLE.view(self.size, -1).cpu()
         e = full_PE.shape[1] // self.size
         recv_Pe = full_PE[:, self.rank * e : (self.rank + 1) * e]
-        return recv_Pe.contiguous(), full_PE
+        send_Pe = full_PE[self.rank].view(self.size, e)
+        return HostCounts(send_Pe, recv_Pe.contiguous(), full_PE)
 
     def start(self, x_RD: Tensor, splits: Splits, what: str = "ep exchange") -> Pending:
         if splits.full_PP is None:

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from moetrain.moe.dispatcher import ExpertsFn, Routing, sort_by_expert
+from moetrain.moe.dispatcher import ExpertsFn, Routing, expert_order, expert_rows
 from moetrain.moe.experts import EXPERT_WEIGHTS
 from moetrain.moe.layer import MoELayer, recomputing
 from moetrain.ops import permute, unpermute
@@ -377,8 +377,8 @@ class FSSDPDispatcher:
         raise NotImplementedError("FSSDPDispatcher runs the experts itself: call run()")
 
     def plan(self, tokens_per_expert_E: Tensor, device: torch.device) -> tuple[Placement, int]:
-        """Every rank's rows per expert (one all-gather) -> the placement; also returns the
-        bytes this rank sent."""
+        """Every rank's rows per expert (one all-gather, then the layer's one host sync) -> the
+        placement; also returns the bytes this rank sent."""
         local = tokens_per_expert_E.to(device=device, dtype=torch.long)
         every = local.new_empty(self.size * local.numel())
         with collective("all_gather", "fssdp counts", group_label(self.group, "fssdp")):
@@ -396,8 +396,13 @@ class FSSDPDispatcher:
     ) -> tuple[Tensor, Tensor | None]:
         """plan -> materialize and compute (``experts`` is a ``GroupedExperts`` whose weights are
         this rank's shards) -> weighted combine; then ``overlap_fn`` (the shared experts)."""
-        rows = sort_by_expert(routing, self.num_experts)
-        plan, count_bytes = self.plan(rows.tokens_per_expert_E, x_TD.device)
+        ordered = expert_order(routing, self.num_experts)
+        C = routing.pad_to_capacity
+        sent_E = ordered.counts_E if C is None else torch.full_like(ordered.counts_E, C)
+        plan, count_bytes = self.plan(sent_E, x_TD.device)
+        # the plan's counts are on the host: this rank's give the kept rows without another sync
+        kept_E = plan.rows_PEQ[dist.get_rank(self.group)].sum(-1)
+        rows = expert_rows(routing, ordered, kept_E.tolist())
         step = _Step(plan, self.group, self.options, x_TD.device)
         step.bytes.counts = count_bytes
         # rows in the exchange's (destination rank, expert) order from the start: one gather

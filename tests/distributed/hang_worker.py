@@ -38,7 +38,7 @@ def api(run_dir: Path, timeout_s: float) -> None:
         activity.set_phase("forward micro-batch 0")
         if ctx.rank == 1 and step == 2:
             time.sleep(SLEEP_S)
-        recv, _ = comm.exchange_counts(torch.tensor([[1], [1]]))
+        recv = comm.exchange_counts(torch.tensor([[1], [1]])).recv_Pe
         comm.start(torch.ones(2, 4), Splits([1, 1], recv.sum(1).tolist()), "ep dispatch").wait()
         activity.set_phase("stats all-reduce")
         dist.all_reduce(torch.ones(1))

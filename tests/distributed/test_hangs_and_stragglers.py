@@ -106,7 +106,7 @@ def _slow_rank_steps(rank: int, world: int, slow: int, delay_s: float) -> list[d
         callback.pre_step(trainer, step)  # type: ignore[arg-type]
         if rank == slow:
             time.sleep(delay_s)
-        recv, _ = comm.exchange_counts(torch.ones(world, 1, dtype=torch.long))
+        recv = comm.exchange_counts(torch.ones(world, 1, dtype=torch.long)).recv_Pe
         comm.start(torch.ones(world, 3), Splits([1] * world, recv.sum(1).tolist())).wait()
         if rank == slow:
             time.sleep(delay_s)

@@ -67,6 +67,15 @@ def test_layer_matches_per_token_reference(case, shape):
         assert float(layer.last_stats.aux_loss) > 0
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_grouped_mm_layer_matches_per_token_reference(case):
+    """model.moe.experts_impl=grouped_mm against the naive per-token loop (the loop path is
+    the test above: ``auto`` is the loop on CPU)."""
+    layer = make_layer(**CASES[case], experts_impl="grouped_mm")
+    x = torch.randn(SHAPES["batched"], requires_grad=True)
+    assert_matches_reference(layer, x)
+
+
 @pytest.mark.parametrize("case", ["softmax", "capacity_probs", "pad_to_capacity", "shared_gate"])
 def test_per_expert_reference_equals_per_token(case):
     layer = make_layer(**CASES[case])
