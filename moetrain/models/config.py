@@ -15,6 +15,7 @@ from moetrain.moe.config import MoEConfig
 ATTENTIONS = ("gqa", "mla")
 ROPE_SCALINGS = ("none", "linear", "yarn")
 QK_NORMS = ("none", "head", "full")
+NORM_IMPLS = ("torch", "apex")
 
 
 @dataclass
@@ -44,6 +45,12 @@ class ModelConfig:
 
     ``sliding_window`` (Mistral; both attentions): a query attends to at most this many
     positions, itself included.
+
+    ``norm_impl`` (every RMSNorm): ``torch`` (plain torch ops, fp32 statistics) or ``apex``
+    (NVIDIA apex's fused RMSNorm kernel for CUDA inputs: the same function, parameters and
+    checkpoints; CPU inputs take the torch ops; ``moetrain.models.norms``). Where apex must
+    be importable is checked by the training config (``moetrain.config.validate``), not here: a
+    checkpoint trained with ``apex`` loads and converts on a machine without it.
 
     RoPE: ``rope_scaling`` ``none``; ``linear`` (positions divided by ``rope_scaling_factor``);
     ``yarn`` (inverse-frequency blend with ``yarn_beta_fast``/``yarn_beta_slow`` over a context
@@ -82,6 +89,7 @@ class ModelConfig:
     qk_norm: str = "none"
     sliding_window: Optional[int] = None
     norm_eps: float = 1e-5
+    norm_impl: str = "torch"
     tie_embeddings: bool = False
     first_k_dense: int = 1
     moe_layer_freq: int = 1
@@ -114,6 +122,8 @@ class ModelConfig:
             )
         if not self.norm_eps > 0:
             _fail("norm_eps", f"must be > 0, got {self.norm_eps}")
+        if self.norm_impl not in NORM_IMPLS:
+            _fail("norm_impl", f"must be one of {', '.join(NORM_IMPLS)}; got {self.norm_impl!r}")
         if not self.init_std > 0:
             _fail("init_std", f"must be > 0, got {self.init_std}")
         if not isinstance(self.first_k_dense, int) or self.first_k_dense < 0:

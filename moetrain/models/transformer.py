@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from moetrain.models.block import TransformerBlock
 from moetrain.models.config import ModelConfig
 from moetrain.models.init import InitSpec, init_module, record_init_specs
-from moetrain.models.norms import RMSNorm
+from moetrain.models.norms import RMSNorm, set_norm_impl
 from moetrain.models.rope import RotaryEmbedding
 from moetrain.moe.layer import MoELayer
 
@@ -58,6 +58,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        set_norm_impl(self, cfg.norm_impl)  # model.norm_impl: every RMSNorm (q/k, latent too)
 
     def init_weights(self, seed: int | None = None) -> None:
         """(Re)initialize every parameter and buffer from ``seed`` (default: one draw from
