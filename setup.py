@@ -36,6 +36,19 @@ def _no_csrc(reason: str) -> tuple[list, dict]:
     return [], {}
 
 
+def _cuda_wheel_headers() -> list[str]:
+    """``-isystem`` flags for the CUDA library headers (cuBLAS, cuSPARSE, ...) that a pip CUDA
+    torch's ``nvidia-*`` wheels ship: ``ATen/cuda`` includes them and a minimal toolkit (nvcc and
+    the runtime only) lacks them. ``-isystem`` dirs come after every ``-I``, so a full toolkit's
+    own headers (``CUDA_HOME/include``) still win."""
+    try:
+        import nvidia  # a namespace package, present only beside a pip CUDA torch
+    except ImportError:
+        return []
+    dirs = sorted({d for root in nvidia.__path__ for d in glob(os.path.join(root, "*", "include"))})
+    return [flag for d in dirs for flag in ("-isystem", d)]
+
+
 def csrc_extension() -> tuple[list, dict]:
     """``(ext_modules, cmdclass)`` for ``moetrain._C``, or empty ones (with the reason printed)."""
     if os.environ.get("MOETRAIN_NO_CSRC") == "1":
@@ -53,10 +66,14 @@ def csrc_extension() -> tuple[list, dict]:
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     link = ["-fopenmp"]  # at::parallel_for is OpenMP; resolves to the libgomp torch loaded
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        headers = _cuda_wheel_headers()
         ext = cpp_extension.CUDAExtension(
             "moetrain._C",
             sources + sorted(glob("csrc/*.cu")),
-            extra_compile_args={"cxx": [*cxx, "-DWITH_CUDA"], "nvcc": ["-O3", "-DWITH_CUDA"]},
+            extra_compile_args={
+                "cxx": [*cxx, "-DWITH_CUDA", *headers],
+                "nvcc": ["-O3", "-DWITH_CUDA", *headers],
+            },
             extra_link_args=link,
         )
     else:
@@ -77,7 +94,7 @@ setup(
     package_data={"moetrain": ["configs/**/*.yaml"]},  # recursive globs: setuptools>=62.3
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.13",
+        "torch>=2.11",  # tested: 2.11.0 (CI tier torch_min) and the pinned 2.13.0
         "hydra-core>=1.3,<1.4",
         "numpy>=1.26",
         "tokenizers>=0.20",

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.moe import MoEConfig
+from moetrain.torch_compat import all_gather_single
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: benchmarks/ and launch/
 SIM_CLUSTER = ROOT / "launch" / "sim_cluster.sh"
@@ -143,7 +144,7 @@ def gather_ranks(value: float) -> list[float]:
     """Every rank's ``value``, in rank order."""
     t = torch.tensor([value], dtype=torch.float64)
     out = t.new_empty(dist.get_world_size())
-    dist.all_gather_single(out, t)
+    all_gather_single(out, t)
     return out.tolist()
 
 

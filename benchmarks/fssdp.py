@@ -62,6 +62,7 @@ from moetrain.parallel.ep import AllToAllDispatcher
 from moetrain.parallel.fssdp import FSSDPDispatcher, FSSDPOptions, apply_fssdp
 from moetrain.parallel.fssdp_plan import static_ep_rows
 from moetrain.perf import expert_flops, measure_peak_flops
+from moetrain.torch_compat import all_gather_single
 
 # fssdp_keep: FSSDP without rematerialization (the gathered experts kept from forward to backward)
 LAYOUTS = ("ep", "fssdp", "fssdp_keep")
@@ -115,7 +116,7 @@ def rows_per_rank(layer: MoELayer, layout: str) -> list[int]:
     assert layer.last_stats is not None
     counts = layer.last_stats.tokens_per_expert_E.long()
     every = counts.new_empty(dist.get_world_size() * counts.numel())
-    dist.all_gather_single(every, counts)
+    all_gather_single(every, counts)
     return static_ep_rows(every.view(dist.get_world_size(), -1)).tolist()
 
 
@@ -124,7 +125,11 @@ def counted_bytes() -> Iterator[list[int]]:
     """Counts the bytes this rank sends to other ranks in ``all_to_all_single`` and the
     all-gathers while active (``total[0]``)."""
     total = [0]
-    a2a, gather = dist.all_to_all_single, dist.all_gather_single
+    # torch 2.11 has only all_gather_into_tensor; moetrain.torch_compat calls whichever exists
+    gather_name = (
+        "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    )
+    a2a, gather = dist.all_to_all_single, getattr(dist, gather_name)
 
     def counted_a2a(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
         me, n = dist.get_rank(kw.get("group")), dist.get_world_size(kw.get("group"))
@@ -141,11 +146,12 @@ def counted_bytes() -> Iterator[list[int]]:
         return gather(output, input, group=group, **kw)
 
     dist.all_to_all_single = counted_a2a  # type: ignore[assignment]
-    dist.all_gather_single = counted_gather  # type: ignore[assignment]
+    setattr(dist, gather_name, counted_gather)
     try:
         yield total
     finally:
-        dist.all_to_all_single, dist.all_gather_single = a2a, gather
+        dist.all_to_all_single = a2a
+        setattr(dist, gather_name, gather)
 
 
 def _status_kib(key: str) -> int:

@@ -7,8 +7,8 @@ Weights: ``w1_EFD`` and ``w3_EFD`` (gate and up projections, [E, F, D]; w3 only 
 
 Two implementations of the grouped GEMM (``model.moe.experts_impl``, see docs/moe.md):
 
-- ``grouped_mm``: ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` on torch versions
-  without it) with the group offsets on the rows' device: one kernel per projection, forward and
+- ``grouped_mm``: ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` where it is
+  missing) with the group offsets on the rows' device: one kernel per projection, forward and
   backward, and no host sync — the split sizes never leave the device.
 - ``loop``: a Python loop over experts whose inputs and weights are taken with one
   ``split``/``unbind`` each, so autograd has one backward node per tensor instead of building a
@@ -35,7 +35,7 @@ from moetrain.moe.config import MoEConfig
 EXPERT_WEIGHTS = (("w1_EFD", 1), ("w3_EFD", 1), ("w2_EDF", 2))
 EXPERT_F_DIM = dict(EXPERT_WEIGHTS)
 
-# torch >= 2.13 exposes it publicly; older releases only as the private op (same semantics)
+# the public name (torch >= 2.11 has it); older releases only have the private op (same semantics)
 _GROUPED_MM: Callable[..., Tensor] | None = getattr(F, "grouped_mm", None) or getattr(
     torch, "_grouped_mm", None
 )

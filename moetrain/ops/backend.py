@@ -111,7 +111,7 @@ def reference_kernels(device_key: str = "CPU") -> Iterator[None]:
             # kernel"; the override is removed again when the block exits
             warnings.simplefilter("ignore", UserWarning)
             for name, fn in REFERENCES.items():
-                lib.impl(name, fn, device_key)
+                lib.impl(name, fn, device_key, allow_override=True)
         with postponed(device_key):
             yield
     finally:

@@ -240,7 +240,7 @@ def _fall_back(key: str, references: dict[str, Callable[..., Any]]) -> None:
         # registering over the compiled kernel warns "Overriding a previously registered kernel"
         warnings.simplefilter("ignore", UserWarning)
         for name, fn in references.items():
-            lib.impl(name, fn, key)
+            lib.impl(name, fn, key, allow_override=True)  # torch 2.11 defaults to False
     _FALLBACKS[key] = lib  # kept alive: destroying it would restore the compiled kernels
 
 

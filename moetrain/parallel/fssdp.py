@@ -65,6 +65,7 @@ from moetrain.parallel.fssdp_comm import (
     ShardLayout,
 )
 from moetrain.parallel.fssdp_plan import DEFAULT_SLACK, Placement, PlanStats, plan_placement
+from moetrain.torch_compat import all_gather_single
 
 ExpertCompute = Callable[..., Tensor]  # (rows_RD, tokens_per_expert_m, w1, w3, w2) -> out_RD
 
@@ -382,7 +383,7 @@ class FSSDPDispatcher:
         local = tokens_per_expert_E.to(device=device, dtype=torch.long)
         every = local.new_empty(self.size * local.numel())
         with collective("all_gather", "fssdp counts", group_label(self.group, "fssdp")):
-            dist.all_gather_single(every, local, group=self.group)
+            all_gather_single(every, local, group=self.group)
             counts_PE = every.view(self.size, -1).cpu()  # host sync: the plan decides every split
         sent = (self.size - 1) * local.numel() * local.element_size()
         return plan_placement(counts_PE, self.options.slack), sent
