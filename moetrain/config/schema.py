@@ -50,7 +50,8 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     momentum: float = 0.0  # sgd only
-    implementation: str = "foreach"  # foreach | fused | for_loop (torch optimizer kernels)
+    # foreach | fused | for_loop (torch's kernels) | apex (NVIDIA apex's FusedAdam: NGC images)
+    implementation: str = "foreach"
     expert_lr_multiplier: float = 1.0  # routed-expert weights get lr * this
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 30

@@ -12,9 +12,9 @@ import difflib
 import importlib.util
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
-
+from moetrain import apex
 from moetrain.config.schema import Config
 from moetrain.moe.router_registry import router_class
 from moetrain.parallel.dims import LayoutError, ParallelDims
@@ -23,6 +23,9 @@ from moetrain.parallel.placement import (
     placement_class,
     validate_placement_options,
 )
+
+if TYPE_CHECKING:  # omegaconf only where a composed config is checked: the library's memory plan
+    from omegaconf import DictConfig  # validates a Config without Hydra or OmegaConf installed
 
 
 class ConfigError(ValueError):
@@ -74,11 +77,19 @@ def validate(cfg: Config) -> None:
     dims = _validate_parallel(cfg)
     _validate_train(cfg, dims)
     _validate_optim(cfg)
+    _validate_apex(cfg, dims)
     _validate_checkpoint(cfg)
     if cfg.logging.wandb.mode not in ("online", "offline", "disabled"):
         _fail(
             "logging.wandb.mode",
             f"must be online, offline or disabled; got {cfg.logging.wandb.mode!r}",
+        )
+    # wandb is optional where it cannot be installed (an offline GPU image): fail before training
+    if cfg.logging.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        _fail(
+            "logging.wandb.mode",
+            f"is {cfg.logging.wandb.mode} but wandb is not installed: set "
+            "logging.wandb.mode=disabled, or pip install wandb",
         )
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         _fail("logging.tensorboard", "needs the tensorboard package: pip install tensorboard")
@@ -103,6 +114,13 @@ def _validate_train(cfg: Config, dims: ParallelDims) -> None:
         _fail("train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if t.dtype not in ("fp32", "bf16"):
         _fail("train.dtype", f"must be fp32 or bf16, got {t.dtype!r}")
+    if t.compile and dims.tp > 1:
+        _fail(
+            "train.compile",
+            "is not supported with parallel.tp > 1 (torch 2.13's compiled blocks hand the "
+            "tensor-parallel DTensor layers plain-tensor gradients in backward); set "
+            "train.compile=false or parallel.tp=1",
+        )
     if t.grad_clip < 0:
         _fail("train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
     if t.nonfinite not in ("stop", "skip"):
@@ -131,9 +149,10 @@ def _validate_optim(cfg: Config) -> None:
         _fail("optim.name", f"must be adamw or sgd, got {o.name!r}")
     if o.schedule not in ("cosine", "wsd", "constant"):
         _fail("optim.schedule", f"must be cosine, wsd or constant, got {o.schedule!r}")
-    if o.implementation not in ("foreach", "fused", "for_loop"):
+    if o.implementation not in ("foreach", "fused", "for_loop", "apex"):
         _fail(
-            "optim.implementation", f"must be foreach, fused or for_loop; got {o.implementation!r}"
+            "optim.implementation",
+            f"must be foreach, fused, for_loop or apex; got {o.implementation!r}",
         )
     if not o.lr > 0:
         _fail("optim.lr", f"must be > 0, got {o.lr}")
@@ -148,6 +167,33 @@ def _validate_optim(cfg: Config) -> None:
         _fail("optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
     if o.expert_lr_multiplier <= 0:
         _fail("optim.expert_lr_multiplier", f"must be > 0, got {o.expert_lr_multiplier}")
+
+
+def _validate_apex(cfg: Config, dims: ParallelDims) -> None:
+    """Where a setting asks for NVIDIA apex: importable here, and in a layout it supports."""
+    o = cfg.optim
+    if o.implementation == "apex":
+        if o.name != "adamw":  # apex's FusedAdam would silently not be what runs
+            _fail(
+                "optim.implementation",
+                f"apex is apex's FusedAdam (AdamW) but optim.name is {o.name}; use foreach or "
+                "fused",
+            )
+        _require_apex(apex.OPTIMIZERS, "optim.implementation", "optim.implementation=fused")
+    if cfg.model.norm_impl == "apex":
+        if dims.tp > 1:
+            _fail(
+                "model.norm_impl",
+                "apex's fused RMSNorm does not take the sequence-parallel (DTensor) activations "
+                "of parallel.tp > 1; use model.norm_impl=torch or parallel.tp=1",
+            )
+        _require_apex(apex.NORMALIZATION, "model.norm_impl", "model.norm_impl=torch")
+
+
+def _require_apex(part: tuple[str, str], setting: str, fallback: str) -> None:
+    why = apex.problem(part)
+    if why is not None:
+        raise ConfigError(apex.message(setting, why, fallback))
 
 
 def _validate_parallel(cfg: Config) -> ParallelDims:
@@ -242,6 +288,8 @@ def reject_unknown_keys(dict_cfg: DictConfig) -> None:
 
 
 def _unknown_keys(node: DictConfig, prefix: str) -> Iterator[str]:
+    from omegaconf import DictConfig, OmegaConf
+
     schema = OmegaConf.get_type(node)
     names: list[str] | None = None
     if isinstance(schema, type) and dataclasses.is_dataclass(schema):

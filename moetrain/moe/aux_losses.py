@@ -2,6 +2,10 @@
 
 Legend: T tokens, B sequences, S sequence length, E experts, K top-k.
 
+Every loss is computed in fp32 whatever the dtype of its inputs or an enclosing autocast
+(``train.dtype=bf16``): the router hands over fp32 logits and probabilities, and the reductions
+here stay in fp32.
+
 Losses are attached to the layer output through autograd (``attach_aux_loss``): the forward
 value of the output is unchanged, and backward adds ``scale * d(aux)/d(params)``. No module-level
 lists or globals: the trainer only backpropagates its language-model loss.
@@ -17,9 +21,16 @@ from torch import Tensor
 CountReduce = Callable[[Tensor], Tensor]
 
 
-def expert_counts(topk_ids_TK: Tensor, num_experts: int) -> Tensor:
-    """Assignments per expert (before any capacity dropping), fp32 [E]."""
-    return torch.bincount(topk_ids_TK.flatten(), minlength=num_experts).float()
+def expert_counts(topk_ids_TK: Tensor, num_experts: int, keep_TK: Tensor | None = None) -> Tensor:
+    """Assignments per expert, fp32 [E]: all of them, or with ``keep_TK`` only the kept ones
+    (after capacity dropping); ids must be in ``[0, num_experts)``."""
+    # scatter_add, not bincount: bincount's output length depends on the ids' values, a graph
+    # break under torch.compile; counting in int64 keeps counts above 2**24 exact until the cast.
+    # A mask, not ids[keep_TK]: boolean indexing reads the kept count on the host (a GPU sync)
+    ids = topk_ids_TK.flatten()
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
+    ones = torch.ones_like(ids) if keep_TK is None else keep_TK.flatten().long()
+    return counts_E.scatter_add_(0, ids, ones).float()
 
 
 def load_balancing_loss(
@@ -43,6 +54,7 @@ def load_balancing_loss(
       global-batch balancing), else from this call's counts; P stays this call's mean.
     """
     E = probs_TE.shape[-1]
+    probs_TE = probs_TE.float()  # a no-op for the routers' fp32 probabilities
     if scope == "sequence":
         if seq_len is None:
             raise ValueError(
@@ -66,7 +78,7 @@ def load_balancing_loss(
 
 def z_loss(logits_TE: Tensor, coeff: float) -> Tensor:
     """ST-MoE router z-loss ``coeff * mean_t logsumexp(logits_t)^2`` on the raw router logits."""
-    return coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()
+    return coeff * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -77,6 +89,12 @@ class _AttachAuxLoss(torch.autograd.Function):
         ctx.scale = scale
         ctx.aux_shape = aux_loss.shape
         ctx.aux_dtype = aux_loss.dtype
+        if torch.compiler.is_compiling():
+            # Not a view when traced: AOTAutograd regenerates an output that aliases a graph
+            # input (the eager dispatcher's output) as a plain view of it when the caller views
+            # it again, dropping this node and the aux-loss gradient with it (torch 2.13). The
+            # copy fuses into the consumer (the block's residual add).
+            return out.clone()
         return out.view_as(out)
 
     @staticmethod

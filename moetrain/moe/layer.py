@@ -109,6 +109,9 @@ class MoELayer(nn.Module):
     checkpointing appends nothing.
     """
 
+    # methods train.compile keeps eager (moetrain.parallel.compile): host-side bookkeeping
+    eager_under_compile = ("_log_stats",)
+
     def __init__(self, cfg: MoEConfig, layer_idx: int | None = None) -> None:
         super().__init__()
         cfg.validate()
@@ -177,7 +180,10 @@ class MoELayer(nn.Module):
         if record:  # aux-loss-free balancing counts assignments, or kept ones (bias_load)
             ids = routed.topk_ids_TK
             kept_only = keep_TK is not None and cfg.bias_load == "kept"
-            self.router.record_load(ids[keep_TK] if kept_only else ids)
+            if kept_only:
+                self.router.record_load(ids, keep_TK)
+            else:
+                self.router.record_load(ids)
         lb_loss, zl = self._aux_losses(routed, seq_len, call, recompute)
         routing = Routing(
             routed.topk_ids_TK,
@@ -210,10 +216,25 @@ class MoELayer(nn.Module):
         scale = self.aux_loss_scale * (sp.aux_grad_scale if sp is not None else 1.0)
         y = attach_aux_loss(y, lb_loss + zl, scale)
         if record or not self.training:
-            self._record_stats(routed, keep_TK, capacity, lb_loss, zl, seq_len)
-            if record and self.stats_log is not None and self.last_stats is not None:
-                self.stats_log.append(self.last_stats)
+            self._log_stats(routed, keep_TK, capacity, lb_loss, zl, seq_len, record)
         return y if sp is not None else y.view(x.shape)
+
+    def _log_stats(
+        self,
+        routed: RouterOutput,
+        keep_TK: Tensor | None,
+        capacity: int | None,
+        lb_loss: Tensor,
+        zl: Tensor,
+        seq_len: int | None,
+        record: bool,
+    ) -> None:
+        """This call's statistics into ``last_stats`` and, for a recorded training call, onto
+        ``stats_log`` (eager under torch.compile: a traced list append guards on its length and
+        recompiles every micro-batch)."""
+        self._record_stats(routed, keep_TK, capacity, lb_loss, zl, seq_len)
+        if record and self.stats_log is not None and self.last_stats is not None:
+            self.stats_log.append(self.last_stats)
 
     def _shared_fn(self, x: Tensor) -> Callable[[], Tensor] | None:
         """The shared experts on this rank's tokens, for the dispatcher to run where they hide

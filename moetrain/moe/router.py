@@ -52,10 +52,14 @@ class Router(nn.Module, ABC):
     balancing); ``supports_groups`` — supports group-limited routing (``num_groups > 1``);
     ``draws_noise`` — stochastic: the layer passes ``noise=`` to :meth:`forward` (routers
     without it may keep the two-argument signature; an instance may set it from its config, so
-    routers that draw only under some options build no noise keys otherwise).
+    routers that draw only under some options build no noise keys otherwise);
+    ``eager_under_compile`` — names of methods that must run eagerly inside a compiled block
+    (``train.compile`` wraps them in ``torch.compiler.disable``), e.g. host-side work whose
+    Python values would otherwise become guards, recompiled on every change.
     """
 
     needs_token_ids: ClassVar[bool] = False
+    eager_under_compile: ClassVar[tuple[str, ...]] = ()
     draws_noise: bool = False
     uses_expert_bias: ClassVar[bool] = False
     supports_groups: ClassVar[bool] = False
@@ -82,9 +86,11 @@ class Router(nn.Module, ABC):
         """(Re)initialize learned weights with normal(0, ``std``) and clear balancing state.
         The layer calls it from its own ``reset_parameters``."""
 
-    def record_load(self, topk_ids_TK: Tensor) -> None:
+    def record_load(self, topk_ids_TK: Tensor, keep_TK: Tensor | None = None) -> None:
         """Count one call's selections toward this optimizer step's expert load. The layer calls
-        it on every training call that is not an activation-checkpointing recomputation."""
+        it on every training call that is not an activation-checkpointing recomputation; with
+        ``model.moe.bias_load=kept`` it passes the capacity keep mask ``keep_TK`` (count only
+        the kept selections; a router that takes only ``topk_ids_TK`` is called without it)."""
 
     def update_expert_bias(self, reduce_load: CountReduce | None = None) -> Tensor | None:
         """Once per optimizer step, after every micro-batch's forward: update balancing state

@@ -12,6 +12,11 @@ global batch (the layout of :mod:`moetrain.data.batches`). Evaluation forwards a
 same way with P = 1 (every rank evaluates every batch). A recomputation is the oldest call not
 yet recomputed (backward runs a stage's micro-batches in forward order under every supported
 schedule), so it reuses that call's key and counts without a collective.
+
+Under ``train.compile`` the methods named in ``RoutingStep.EAGER_UNDER_COMPILE`` run eagerly
+(``moetrain.parallel.compile`` wraps them in ``torch.compiler.disable``: a graph break at each
+call): they are host-side bookkeeping, and traced, every new call number or step number would
+be a new guard value, i.e. a recompilation per micro-batch and per step.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from moetrain.moe.noise import EVAL, TRAIN, NoiseKey, TokenNoise, global_positio
 class RoutingStep:
     """Per-layer, per-step state. ``seed``, ``data_rank`` and ``data_ranks`` are set once by
     whoever places the layer (defaults: seed 0, one process)."""
+
+    # host-side bookkeeping (global_counts also all-reduces): never traced by torch.compile
+    EAGER_UNDER_COMPILE = ("next_call", "noise", "global_counts")
 
     def __init__(self) -> None:
         self.seed = 0

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.moe import noise as noise_streams
-from moetrain.moe.aux_losses import CountReduce
+from moetrain.moe.aux_losses import CountReduce, expert_counts
 from moetrain.moe.noise import TokenNoise
 from moetrain.moe.router import Router, RouterOutput
 
@@ -35,6 +35,7 @@ class TopKRouter(Router):
 
     uses_expert_bias = True
     supports_groups = True
+    eager_under_compile = ("jitter_draws",)
 
     expert_bias_E: Tensor
     step_load_E: Tensor
@@ -67,7 +68,7 @@ class TopKRouter(Router):
         if self.training and cfg.router_jitter > 0:
             # Switch's multiplicative jitter, uniform in [1 - eps, 1 + eps], counter-keyed
             noise = TokenNoise.local(x.shape[0], x.device) if noise is None else noise
-            u_TD = noise.uniform(noise_streams.JITTER, x.shape[1])
+            u_TD = self.jitter_draws(noise, x.shape[1])
             x = x * (1 - cfg.router_jitter + 2 * cfg.router_jitter * u_TD)
         logits_TE = F.linear(x, self.weight_ED.float())
         scores_TE = self._scores(logits_TE)
@@ -82,6 +83,12 @@ class TopKRouter(Router):
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * cfg.routed_scaling_factor
         return RouterOutput(topk_ids_TK, weights_TK, logits_TE, self._probs(scores_TE))
+
+    def jitter_draws(self, noise: TokenNoise, width: int) -> Tensor:
+        """The jitter's [T, width] uniforms. Eager under ``train.compile``: the key's hash
+        prefix is Python-int math on the step number, which a traced draw would guard on (a
+        recompilation every step)."""
+        return noise.uniform(noise_streams.JITTER, width)
 
     def _scores(self, logits_TE: Tensor) -> Tensor:
         cfg = self.cfg
@@ -102,13 +109,12 @@ class TopKRouter(Router):
         return scores_TE
 
     @torch.no_grad()
-    def record_load(self, topk_ids_TK: Tensor) -> None:
-        """Add one micro-batch's selections to this step's load (aux-loss-free balancing).
-        The layer calls it in training; calling the router alone records nothing."""
+    def record_load(self, topk_ids_TK: Tensor, keep_TK: Tensor | None = None) -> None:
+        """Add one micro-batch's selections (the kept ones with ``keep_TK``) to this step's load
+        (aux-loss-free balancing). The layer calls it in training; calling the router alone
+        records nothing."""
         if self.cfg.bias_update_rate is not None:
-            self.step_load_E += torch.bincount(
-                topk_ids_TK.flatten(), minlength=self.cfg.num_experts
-            )
+            self.step_load_E += expert_counts(topk_ids_TK, self.cfg.num_experts, keep_TK)
 
     def _apply(self, fn, recurse=True):
         # .to(bf16) must not round the balancing state: 256 + 1 == 256 and 0.5 + 1e-3 == 0.5 in bf16

@@ -1,5 +1,5 @@
 """Apply a layout to a model: pipeline stages, then TP, the expert placement (EP, FSSDP, ...),
-activation checkpointing, FSDP2.
+activation checkpointing, torch.compile, FSDP2.
 
 The full model is built and initialized identically on every rank (same seed, same order of
 draws), then cut and sharded; sharding only keeps local slices (``distribute_tensor`` with
@@ -8,7 +8,8 @@ draws), then cut and sharded; sharding only keeps local slices (``distribute_ten
 Order per stage chunk (as torchtitan): TP plans on each block and the ends -> the expert
 placement's ``apply`` on each MoE layer (``moetrain.parallel.placement``: under EP the expert
 weights become DTensors sharded on E over the EP axis and on F over ETP, and the all-to-all
-dispatcher replaces the local one) -> activation checkpointing flag -> ``fully_shard`` of each
+dispatcher replaces the local one) -> activation checkpointing flag -> ``torch.compile`` of each
+block (``train.compile``: ``moetrain.parallel.compile``) -> ``fully_shard`` of each
 MoE layer's experts over their expert-data-parallel ranks (unless the placement shards them
 itself), of each block and of the chunk over the dense data-parallel ranks (HSDP with
 dp_replicate).
@@ -38,6 +39,7 @@ from moetrain.models.init import InitSpec, init_module
 from moetrain.models.transformer import Transformer
 from moetrain.moe.experts import EXPERT_F_DIM, GroupedExperts
 from moetrain.moe.layer import MoELayer
+from moetrain.parallel.compile import apply_compile
 from moetrain.parallel.context import ParallelContext, single_process_context
 from moetrain.parallel.grads import clip_grad_norm, finish_partial_grads, local_grad_sumsq
 from moetrain.parallel.placement import ExpertPlacement, StepStatistics, placement_class
@@ -293,11 +295,13 @@ def parallelize(
     activation_checkpointing: bool = False,
     virtual_stages: int = 1,
     placement: ExpertPlacement | None = None,
+    compile_blocks: bool = False,
 ) -> ParallelModel:
     """Cut ``model`` into this rank's pipeline stages and apply TP, the expert ``placement``
     (default: the one ``ctx.dims.expert_sharding`` names, with default options), activation
-    checkpointing and FSDP2 as ``ctx.dims`` says. In one process the model is returned as is
-    (with activation checkpointing if asked)."""
+    checkpointing, ``torch.compile`` of each of this rank's blocks (``compile_blocks``) and
+    FSDP2 as ``ctx.dims`` says. In one process the model is returned as is (with activation
+    checkpointing and compilation if asked)."""
     dims = ctx.dims
     if placement is None:
         placement = placement_class(dims.expert_sharding)()
@@ -306,6 +310,8 @@ def parallelize(
     for b in blocks:
         b.activation_checkpointing = activation_checkpointing
     if not ctx.distributed:
+        if compile_blocks:
+            apply_compile(blocks)
         moe = model.moe_layers()
         return ParallelModel([model], [0], model.cfg, moe, list(range(len(moe))), ctx=ctx)
     assert ctx.meshes is not None
@@ -330,6 +336,8 @@ def parallelize(
             apply_tp_ends(chunk, tp_mesh, first=s == 0, last=s == num_stages - 1)
         for layer in _moe_layers(chunk):
             placement.apply(layer, ctx)
+        if compile_blocks:  # after the placement installed its dispatcher, before FSDP2
+            apply_compile(_blocks(chunk))
         apply_fsdp(chunk, ctx, placement.shards_experts)
     moe_layers = [m for c in chunks for m in _moe_layers(c)]
     moe_ids = [moe_index[id(m)] for m in moe_layers]

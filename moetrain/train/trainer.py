@@ -164,6 +164,7 @@ class Trainer:
             cfg.parallel.activation_checkpointing,
             cfg.parallel.pp_virtual_stages,
             self.placement,
+            compile_blocks=t.compile,
         )
         self.pm.materialize(specs, seed)
         self.model = self.pm.module
