@@ -232,8 +232,24 @@ class MoELayer(nn.Module):
         """This call's statistics into ``last_stats`` and, for a recorded training call, onto
         ``stats_log`` (eager under torch.compile: a traced list append guards on its length and
         recompiles every micro-batch)."""
-        self._record_stats(routed, keep_TK, capacity, lb_loss, zl, seq_len)
-        if record and self.stats_log is not None and self.last_stats is not None:
+        ids = routed.topk_ids_TK
+        if keep_TK is None:
+            num_dropped = torch.zeros((), dtype=torch.long, device=ids.device)
+            by_pos = None
+        else:
+            num_dropped = (~keep_TK).sum()
+            by_pos = drops_by_position(keep_TK, seq_len) if seq_len is not None else None
+        self.last_stats = MoEStats(
+            aux_loss=lb_loss.detach(),
+            z_loss=zl.detach(),
+            tokens_per_expert_E=expert_counts(ids.detach(), self.cfg.num_experts),
+            num_dropped=num_dropped,
+            num_assignments=ids.numel(),
+            capacity=capacity,
+            drops_by_position_S=by_pos,
+            router_entropy=router_entropy(routed.probs_TE),
+        )
+        if record and self.stats_log is not None:
             self.stats_log.append(self.last_stats)
 
     def _shared_fn(self, x: Tensor) -> Callable[[], Tensor] | None:
@@ -290,33 +306,6 @@ class MoELayer(nn.Module):
         if cfg.z_loss_coeff > 0:
             zl = z_loss(routed.logits_TE, cfg.z_loss_coeff)
         return lb_loss, zl
-
-    def _record_stats(
-        self,
-        routed: RouterOutput,
-        keep_TK: Tensor | None,
-        capacity: int | None,
-        lb_loss: Tensor,
-        zl: Tensor,
-        seq_len: int | None,
-    ) -> None:
-        ids = routed.topk_ids_TK
-        if keep_TK is None:
-            num_dropped = torch.zeros((), dtype=torch.long, device=ids.device)
-            by_pos = None
-        else:
-            num_dropped = (~keep_TK).sum()
-            by_pos = drops_by_position(keep_TK, seq_len) if seq_len is not None else None
-        self.last_stats = MoEStats(
-            aux_loss=lb_loss.detach(),
-            z_loss=zl.detach(),
-            tokens_per_expert_E=expert_counts(ids.detach(), self.cfg.num_experts),
-            num_dropped=num_dropped,
-            num_assignments=ids.numel(),
-            capacity=capacity,
-            drops_by_position_S=by_pos,
-            router_entropy=router_entropy(routed.probs_TE),
-        )
 
     @torch.no_grad()
     def update_expert_bias(self, reduce_load: CountReduce | None = None) -> Tensor | None:
