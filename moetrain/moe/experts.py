@@ -15,7 +15,8 @@ Two implementations of the grouped GEMM (``model.moe.experts_impl``, see docs/mo
   full-size gradient per expert (indexing ``w[e]`` in the loop was ~9x slower on CPU). It needs
   the split sizes on the host: one host sync when they live on the device.
 
-``auto`` is ``grouped_mm`` on CUDA and the faster of the two measured on CPU (``loop``). With
+``auto`` is ``grouped_mm`` on CUDA where its kernel runs (bf16 compute, dims multiples of 8; fp32
+experts on CUDA take the loop) and the faster of the two measured on CPU (``loop``). With
 fixed shapes (pad_to_capacity, or perfectly even counts known on the host) either runs the
 experts as batched matmuls.
 """
@@ -58,12 +59,23 @@ def expert_mlp(x_ND: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor)
     return h @ w2_DF.transpose(-1, -2)
 
 
-def resolve_experts_impl(impl: str, device: torch.device) -> str:
-    """``auto`` -> the implementation used on ``device`` (``grouped_mm`` on CUDA, ``loop`` on
-    CPU and other devices); ``loop`` and ``grouped_mm`` are returned as they are."""
+def resolve_experts_impl(
+    impl: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    dim: int = 8,
+    hidden_dim: int = 8,
+) -> str:
+    """``auto`` -> the implementation used on ``device`` for experts computing in ``dtype`` with
+    model dim ``dim`` and hidden size ``hidden_dim``: ``grouped_mm`` on CUDA where its kernel
+    runs (bf16, both sizes multiples of 8), else ``loop`` (CPU and other devices: the faster one
+    measured there); ``loop`` and ``grouped_mm`` are returned as they are."""
     if impl != "auto":
         return impl
-    return "grouped_mm" if device.type == "cuda" and _GROUPED_MM is not None else "loop"
+    if device.type != "cuda" or _GROUPED_MM is None:
+        return "loop"
+    fits = dtype == torch.bfloat16 and dim % 8 == 0 and hidden_dim % 8 == 0
+    return "grouped_mm" if fits else "loop"
 
 
 class GroupedExperts(nn.Module):
@@ -150,7 +162,8 @@ def grouped_mlp(
         raise ValueError(
             f"got row counts of shape {tuple(tokens_per_expert_E.shape)} for {w1.shape[0]} experts"
         )
-    if resolve_experts_impl(impl, rows_RD.device) == "grouped_mm":
+    dims = (rows_RD.shape[-1], w1.shape[1])
+    if resolve_experts_impl(impl, rows_RD.device, _compute_dtype(rows_RD), *dims) == "grouped_mm":
         return grouped_mm_mlp(rows_RD, tokens_per_expert_E, w1, w3, w2)
     return loop_mlp(rows_RD, tokens_per_expert_E, w1, w3, w2)
 

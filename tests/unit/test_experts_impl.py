@@ -89,6 +89,9 @@ def test_counts_for_the_wrong_number_of_experts_raise():
 def test_auto_resolves_per_device():
     assert resolve_experts_impl("auto", torch.device("cpu")) == "loop"
     assert resolve_experts_impl("auto", torch.device("cuda", 0)) == "grouped_mm"
+    # where the CUDA kernel cannot run, auto takes the loop instead of failing
+    assert resolve_experts_impl("auto", torch.device("cuda"), torch.float32) == "loop"
+    assert resolve_experts_impl("auto", torch.device("cuda"), torch.bfloat16, 12, 8) == "loop"
     assert resolve_experts_impl("grouped_mm", torch.device("cpu")) == "grouped_mm"
     assert resolve_experts_impl("loop", torch.device("cuda")) == "loop"
 
