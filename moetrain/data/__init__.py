@@ -1,12 +1,14 @@
 """Data pipeline: built-in corpus, tokenizers, prepared token files, windows, resumable sampler.
 
 Public API: ``DataConfig``, ``build_tokenizer``, ``build_datasets``, ``WindowDataset``,
-``TokenSource``, ``ShuffledSampler``, ``BatchIterator``. See docs/data.md.
+``TokenSource``, ``ShuffledSampler``, ``BatchIterator``, ``MegatronIndexedDataset`` (read-only
+Megatron-LM ``.idx``/``.bin`` reader). See docs/data.md.
 """
 
 from moetrain.data.batches import BatchIterator, micro_batch_slices
 from moetrain.data.config import DataConfig
 from moetrain.data.dataset import TokenSource, WindowDataset, build_datasets
+from moetrain.data.megatron_indexed import MegatronIndexedDataset
 from moetrain.data.sampler import ShuffledSampler
 from moetrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
@@ -15,6 +17,7 @@ __all__ = [
     "ByteTokenizer",
     "DataConfig",
     "HFTokenizer",
+    "MegatronIndexedDataset",
     "ShuffledSampler",
     "TokenSource",
     "Tokenizer",
