@@ -8,30 +8,17 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+
+from moetrain.testing.optional import blocker_source
 
 ROOT = Path(__file__).resolve().parents[2]
 IMPLS = {"grouped_mm", "loop"}
 LEAVES = {"attention", "moe/router", "moe/dispatch", "moe/experts", "moe/combine"}
 
-BLOCKER = textwrap.dedent(
-    """
-    import sys
-
-    BLOCKED = ("hydra", "omegaconf", "wandb")
-
-    class _Blocker:  # as if the packages were not installed
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, _Blocker())
-    """
-)
+BLOCKER = blocker_source()  # hydra, omegaconf and wandb
 
 
 def gpu_check(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, dict]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
@@ -49,17 +48,6 @@ def mcore_cpu(monkeypatch):
     moe_utils.clear_aux_losses_tracker()
     yield recorded
     moe_utils.clear_aux_losses_tracker()
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def tracked() -> float:

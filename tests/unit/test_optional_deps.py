@@ -14,25 +14,17 @@ import pytest
 from moetrain.config.schema import Config
 from moetrain.config.validate import ConfigError, validate
 from moetrain.testing.layouts import layout_config, write_token_dir
+from moetrain.testing.optional import blocker_source
 from moetrain.train.tracking import Tracker
 from moetrain.train.trainer import Trainer
 
 # The library's layers: everything but the Hydra app (moetrain.train) and the test helpers.
 LIBRARY = ["ops", "moe", "models", "parallel", "checkpoint", "data", "config", "report"]
 
-BLOCKED_IMPORTS = textwrap.dedent(
+BLOCKED_IMPORTS = blocker_source() + textwrap.dedent(
     """
-    import importlib, pkgutil, sys
+    import importlib, pkgutil
 
-    BLOCKED = ("hydra", "omegaconf", "wandb")
-
-    class Blocker:  # as if the packages were not installed
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, Blocker())
     try:
         import omegaconf
     except ImportError:

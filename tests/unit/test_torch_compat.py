@@ -9,7 +9,6 @@ import re
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 
@@ -19,17 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # torch.distributed functions torch 2.11 lacks -> what to call instead
 MISSING_IN_OLDEST = {"all_gather_single": "moetrain.torch_compat.all_gather_single"}
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_all_gather_single_gathers_without_a_deprecation_warning(one_process_group):
