@@ -199,7 +199,10 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts' GEMMs compute in: the autocast dtype inside autocast, else x's."""
     device_type = x.device.type
+    if device_type == "meta":  # shape-only runs: no autocast state for the meta device
+        return x.dtype
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
@@ -236,16 +239,18 @@ def grouped_mm_mlp(
     dtype = _compute_dtype(rows_RD)
     _check_grouped_mm(rows_RD, w1, dtype)
     assert _GROUPED_MM is not None
-    if rows_RD.shape[0] == 0:  # no rows (a shape, known on the host): the kernel's backward
-        # rejects empty operands; batched matmuls over [E, 0, D] give the zero gradients
-        return expert_mlp(rows_RD.view(w1.shape[0], 0, rows_RD.shape[-1]), w1, w3, w2).flatten(0, 1)
-    counts = tokens_per_expert_E.to(rows_RD.device, non_blocking=True)
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
     x = rows_RD.to(dtype)
-    h = _GROUPED_MM(x, w1.to(dtype).transpose(-1, -2), offs=offs)
+    w1, w2 = w1.to(dtype), w2.to(dtype)
+    w3 = None if w3 is None else w3.to(dtype)
+    if x.shape[0] == 0:  # no rows (a shape, known on the host): the kernel's backward rejects
+        # empty operands; batched matmuls over [E, 0, D] give the zero gradients, in `dtype`
+        return expert_mlp(x.view(w1.shape[0], 0, x.shape[-1]), w1, w3, w2).flatten(0, 1)
+    counts = tokens_per_expert_E.to(x.device, non_blocking=True)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    h = _GROUPED_MM(x, w1.transpose(-1, -2), offs=offs)
     if w3 is None:
         h = F.gelu(h)
     else:
-        h = F.silu(h) * _GROUPED_MM(x, w3.to(dtype).transpose(-1, -2), offs=offs)
-    out = _GROUPED_MM(h, w2.to(dtype).transpose(-1, -2), offs=offs)
+        h = F.silu(h) * _GROUPED_MM(x, w3.transpose(-1, -2), offs=offs)
+    out = _GROUPED_MM(h, w2.transpose(-1, -2), offs=offs)
     return _ContiguousGrad.apply(out)

@@ -80,6 +80,23 @@ def test_grouped_mm_under_autocast_computes_in_bf16_like_the_loop():
     assert grouped[2].dtype == torch.float32  # weight gradients in the parameters' dtype
 
 
+def test_grouped_mm_with_no_rows_returns_the_compute_dtype():
+    """A rank whose experts got no rows must hand back rows in the dtype the others compute in
+    (its combine exchange is built from them)."""
+    _, counts, weights, _ = problem([0, 0, 0], torch.float32)
+    empty = torch.zeros(0, 16, dtype=torch.bfloat16)
+    assert grouped_mlp(empty, counts, *weights, impl="grouped_mm").dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = grouped_mlp(empty.float(), counts, *weights, impl="grouped_mm")
+    assert out.dtype == torch.bfloat16 and out.shape == (0, 16)
+
+
+def test_meta_tensors_take_either_path():
+    w = [torch.empty(2, 8, 16, device="meta"), None, torch.empty(2, 16, 8, device="meta")]
+    x = torch.empty(4, 16, device="meta")
+    assert grouped_mlp(x, torch.tensor([1, 3]), *w, impl="auto").shape == (4, 16)
+
+
 def test_counts_for_the_wrong_number_of_experts_raise():
     x, _, weights, _ = problem([2, 2], torch.float32)
     with pytest.raises(ValueError, match="row counts of shape"):
