@@ -20,6 +20,13 @@ Head counts are read from the projection outputs at run time (``view(B, S, -1, d
 tensor-parallel plan that shards the projections by heads needs no change here (GQA; tensor
 parallelism does not support MLA). Attention runs through ``F.scaled_dot_product_attention``
 (``is_causal``, or an explicit boolean mask for a sliding window).
+
+Document masking (``data.document_mask``): both classes take a keyword ``mask`` built once per
+forward by ``moetrain.models.documents.attention_mask`` — a boolean ``[B, 1, S, S]`` (SDPA) or,
+on CUDA, a flex-attention ``BlockMask`` — which already holds the causal and sliding-window
+rule; cos/sin then come per row (``[B, S, d]``). A keyword, so tensor parallelism's
+``PrepareModuleInput`` (positional layouts for x, cos, sin) passes it through unchanged; the
+mask is over the full (gathered) sequence, as attention is.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.models.config import ModelConfig
+from moetrain.models.documents import AttentionMask, flex_attention
 from moetrain.models.norms import RMSNorm
 from moetrain.models.rope import apply_rope, deinterleave, yarn_softmax_factor
 
@@ -51,11 +59,19 @@ def causal_attention(
     v_BGSv: Tensor,
     sliding_window: int | None,
     scale: float | None = None,
+    mask: AttentionMask | None = None,
 ) -> Tensor:
     """SDPA over a causal (and, when shorter than S, sliding-window) mask; ``scale`` None =
-    ``1/sqrt(k)``. Returns ``o_BHSv``."""
+    ``1/sqrt(k)``. A document ``mask`` (boolean ``[B, 1, S, S]`` or flex ``BlockMask``) replaces
+    the causal and window rule: it holds both. Returns ``o_BHSv``."""
     S = q_BHSk.shape[-2]
     gqa = q_BHSk.shape[1] != k_BGSk.shape[1]
+    if mask is not None:
+        if isinstance(mask, Tensor):
+            return F.scaled_dot_product_attention(
+                q_BHSk, k_BGSk, v_BGSv, attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
+        return flex_attention(q_BHSk, k_BGSk, v_BGSv, mask, scale)
     if sliding_window is None or sliding_window >= S:
         return F.scaled_dot_product_attention(
             q_BHSk, k_BGSk, v_BGSv, is_causal=True, scale=scale, enable_gqa=gqa
@@ -67,7 +83,8 @@ def causal_attention(
 
 
 class Attention(nn.Module):
-    """``attention(x_BSD, cos_Sd, sin_Sd) -> y_BSD``; cos/sin come from ``RotaryEmbedding``."""
+    """``attention(x_BSD, cos_Sd, sin_Sd, mask=None) -> y_BSD``; cos/sin come from
+    ``RotaryEmbedding`` (``[B, S, d]`` with per-row positions); ``mask`` see the module doc."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -97,7 +114,9 @@ class Attention(nn.Module):
             if isinstance(norm, RMSNorm):
                 norm.reset_parameters()
 
-    def forward(self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor) -> Tensor:
+    def forward(
+        self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, *, mask: AttentionMask | None = None
+    ) -> Tensor:
         B, S, _ = x_BSD.shape
         d = self.head_dim
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
@@ -113,13 +132,15 @@ class Attention(nn.Module):
             k_BSGd.transpose(1, 2),
             v_BSGd.transpose(1, 2),
             self.sliding_window,
+            mask=mask,
         )
         return self.wo(o_BHSd.transpose(1, 2).reshape(B, S, -1))
 
 
 class MLAttention(nn.Module):
-    """``attention(x_BSD, cos_Sr, sin_Sr) -> y_BSD``: multi-head latent attention; cos/sin come
-    from ``RotaryEmbedding`` (over ``qk_rope_head_dim``)."""
+    """``attention(x_BSD, cos_Sr, sin_Sr, mask=None) -> y_BSD``: multi-head latent attention;
+    cos/sin come from ``RotaryEmbedding`` (over ``qk_rope_head_dim``); ``mask`` as
+    :class:`Attention`'s."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -155,7 +176,9 @@ class MLAttention(nn.Module):
         nn.init.normal_(self.wkv_b.weight, std=std)
         nn.init.normal_(self.wo.weight, std=out_std)
 
-    def forward(self, x_BSD: Tensor, cos_Sr: Tensor, sin_Sr: Tensor) -> Tensor:
+    def forward(
+        self, x_BSD: Tensor, cos_Sr: Tensor, sin_Sr: Tensor, *, mask: AttentionMask | None = None
+    ) -> Tensor:
         B, S, _ = x_BSD.shape
         n, r = self.nope_dim, self.rope_dim
         q = self.wq(x_BSD) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
@@ -173,6 +196,7 @@ class MLAttention(nn.Module):
             v_BSHv.transpose(1, 2),
             self.sliding_window,
             self.scale,
+            mask,
         )
         return self.wo(o_BHSv.transpose(1, 2).reshape(B, S, -1))
 

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moetrain.models.attention import Attention, MLAttention
 from moetrain.models.config import ModelConfig
+from moetrain.models.documents import AttentionMask
 from moetrain.models.mlp import FeedForward
 from moetrain.models.norms import RMSNorm
 from moetrain.moe.layer import MoELayer
@@ -51,19 +52,35 @@ class TransformerBlock(nn.Module):
         self.feed_forward.reset_parameters(std, out_std)
 
     def forward(
-        self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, tokens_BS: Tensor | None = None
+        self,
+        x_BSD: Tensor,
+        cos_Sd: Tensor,
+        sin_Sd: Tensor,
+        tokens_BS: Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> Tensor:
-        """``tokens_BS`` (the input token ids) reach the MoE router (``router_type='hash'``)."""
+        """``tokens_BS`` (the input token ids) reach the MoE router (``router_type='hash'``);
+        ``mask`` (document masking, ``moetrain.models.documents.attention_mask``) the attention,
+        with cos/sin then ``[B, S, d]``."""
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x_BSD, cos_Sd, sin_Sd, tokens_BS, use_reentrant=False)
-        return self._forward(x_BSD, cos_Sd, sin_Sd, tokens_BS)
+            # the mask goes through checkpoint too: the recomputed attention must see it
+            return checkpoint(
+                self._forward, x_BSD, cos_Sd, sin_Sd, tokens_BS, mask, use_reentrant=False
+            )
+        return self._forward(x_BSD, cos_Sd, sin_Sd, tokens_BS, mask)
 
     def _forward(
-        self, x_BSD: Tensor, cos_Sd: Tensor, sin_Sd: Tensor, tokens_BS: Tensor | None
+        self,
+        x_BSD: Tensor,
+        cos_Sd: Tensor,
+        sin_Sd: Tensor,
+        tokens_BS: Tensor | None,
+        mask: AttentionMask | None = None,
     ) -> Tensor:
         attn_in_BSD = self.attention_norm(x_BSD)
         with phase("attention"):  # a named range: profiler traces, moetrain.phases timing
-            attn_BSD = self.attention(attn_in_BSD, cos_Sd, sin_Sd)
+            # a keyword: TP's PrepareModuleInput lays out the positional (x, cos, sin) only
+            attn_BSD = self.attention(attn_in_BSD, cos_Sd, sin_Sd, mask=mask)
         h_BSD = x_BSD + attn_BSD
         normed_BSD = self.ffn_norm(h_BSD)
         if isinstance(self.feed_forward, MoELayer):

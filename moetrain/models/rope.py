@@ -1,7 +1,7 @@
 """Rotary position embedding (RoPE), rotate-half convention as in ``transformers``' Llama.
 
-Legend: S positions, d rotated head dim (``ModelConfig.rope_head_size``: the whole head with GQA,
-``qk_rope_head_dim`` with MLA), rotated in two halves of d/2 frequencies.
+Legend: B sequences, S positions, d rotated head dim (``ModelConfig.rope_head_size``: the whole
+head with GQA, ``qk_rope_head_dim`` with MLA), rotated in two halves of d/2 frequencies.
 
 Scalings (``model.rope_scaling``):
 - ``none``: ``inv_freq[i] = theta^(-2i/d)``.
@@ -53,7 +53,8 @@ def yarn_softmax_factor(cfg: ModelConfig) -> float:
 
 
 class RotaryEmbedding:
-    """``rope(positions_S) -> (cos_Sd, sin_Sd)`` in fp32, for :func:`apply_rope`."""
+    """``rope(positions_S) -> (cos_Sd, sin_Sd)`` (or ``[B, S]`` -> ``[B, S, d]``) in fp32, for
+    :func:`apply_rope`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.head_dim = cfg.rope_head_size
@@ -94,10 +95,12 @@ class RotaryEmbedding:
         # ramp 0: high frequencies keep their value (extrapolate); 1: interpolate by factor.
         return base / self.factor * ramp + base * (1 - ramp)
 
-    def __call__(self, positions_S: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = positions_S.float()[:, None] * self.inv_freq(positions_S.device)[None, :]
-        angles_Sd = torch.cat((freqs, freqs), dim=-1)
-        return angles_Sd.cos() * self.attention_factor, angles_Sd.sin() * self.attention_factor
+    def __call__(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``positions`` ``[S]`` (every row alike) or ``[B, S]`` (per row, e.g. restarting in
+        each packed document) -> cos and sin ``[S, d]`` or ``[B, S, d]``."""
+        freqs = positions.float()[..., None] * self.inv_freq(positions.device)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -112,8 +115,9 @@ def deinterleave(x: Tensor) -> Tensor:
     return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
 
 
-def apply_rope(x_BSHd: Tensor, cos_Sd: Tensor, sin_Sd: Tensor) -> Tensor:
-    """Rotate ``x_BSHd`` (any number of heads H) by the angles of each position; x's dtype."""
-    cos = cos_Sd.to(x_BSHd.dtype)[:, None, :]
-    sin = sin_Sd.to(x_BSHd.dtype)[:, None, :]
+def apply_rope(x_BSHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x_BSHd`` (any number of heads H) by the angles of each position; x's dtype.
+    ``cos``/``sin``: ``[S, d]`` (shared by the rows) or ``[B, S, d]`` (per row)."""
+    cos = cos.to(x_BSHd.dtype).unsqueeze(-2)  # broadcast over the heads
+    sin = sin.to(x_BSHd.dtype).unsqueeze(-2)
     return x_BSHd * cos + rotate_half(x_BSHd) * sin

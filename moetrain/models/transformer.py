@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from moetrain.models.block import TransformerBlock
 from moetrain.models.config import ModelConfig
+from moetrain.models.documents import AttentionMask, attention_mask
 from moetrain.models.init import InitSpec, init_module, record_init_specs
 from moetrain.models.norms import RMSNorm, set_norm_impl
 from moetrain.models.rope import RotaryEmbedding
@@ -25,7 +26,7 @@ from moetrain.moe.layer import MoELayer
 
 
 class Transformer(nn.Module):
-    """``model(tokens_BS) -> logits_BSV`` (fp32).
+    """``model(tokens_BS, documents_BS=None, positions_BS=None) -> logits_BSV`` (fp32).
 
     Construction ends with :meth:`init_weights`, which draws one 62-bit seed from torch's global
     CPU RNG (the only draw construction consumes: the same ``torch.manual_seed`` gives the same
@@ -93,19 +94,29 @@ class Transformer(nn.Module):
         else:
             nn.init.normal_(self.output.weight, std=std)
 
-    def forward(self, tokens_BS: Tensor) -> Tensor:
-        """Args: ``tokens_BS`` int64 token ids, S <= ``model.max_seq_len``.
-        Returns: ``logits_BSV`` fp32. Raises ``ValueError`` on a too-long sequence."""
+    def forward(
+        self,
+        tokens_BS: Tensor,
+        documents_BS: Tensor | None = None,
+        positions_BS: Tensor | None = None,
+    ) -> Tensor:
+        """Args: ``tokens_BS`` int64 token ids, S <= ``model.max_seq_len``; ``documents_BS``
+        int64 document ids of a packed window (``moetrain.models.documents``): attention stays
+        inside each document; ``positions_BS`` int64 RoPE positions (default ``0..S-1`` in
+        every row). Returns: ``logits_BSV`` fp32. Raises ``ValueError`` on a too-long sequence
+        or a ``documents_BS``/``positions_BS`` shaped unlike ``tokens_BS``."""
         seq_len = tokens_BS.shape[1]
         if seq_len > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {seq_len} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                 "raise model.max_seq_len or shorten the sequences"
             )
-        cos_Sd, sin_Sd = self.rope(torch.arange(seq_len, device=tokens_BS.device))
+        cos, sin, mask = rope_and_mask(
+            self.rope, self.cfg, tokens_BS.shape, tokens_BS.device, documents_BS, positions_BS
+        )
         h_BSD = self.tok_embeddings(tokens_BS)
         for layer in self.layers:
-            h_BSD = layer(h_BSD, cos_Sd, sin_Sd, tokens_BS)
+            h_BSD = layer(h_BSD, cos, sin, tokens_BS, mask)
         return self.output(self.norm(h_BSD)).float()
 
     def moe_layers(self) -> list[MoELayer]:
@@ -150,3 +161,27 @@ class Transformer(nn.Module):
         head_dims = cfg.qk_head_size + cfg.v_head_size
         attention = 6 * cfg.num_layers * cfg.num_heads * head_dims * keys
         return 6 * matmul_params + attention
+
+
+def rope_and_mask(
+    rope: RotaryEmbedding,
+    cfg: ModelConfig,
+    shape_BS: torch.Size | tuple[int, int],
+    device: torch.device,
+    documents_BS: Tensor | None = None,
+    positions_BS: Tensor | None = None,
+) -> tuple[Tensor, Tensor, AttentionMask | None]:
+    """What every layer of one forward shares, computed once: cos/sin (``[S, d]`` for the
+    default positions ``0..S-1``, ``[B, S, d]`` for ``positions_BS``) and the document mask
+    (None without ``documents_BS``: the plain causal path). ``shape_BS`` is the full window's
+    ``(B, S)`` (under tensor parallelism attention runs on the gathered sequence)."""
+    for name, t in (("documents_BS", documents_BS), ("positions_BS", positions_BS)):
+        if t is not None and tuple(t.shape) != tuple(shape_BS):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, the tokens {tuple(shape_BS)}: "
+                "data.document_mask needs one document id and position per token"
+            )
+    positions = torch.arange(shape_BS[1], device=device) if positions_BS is None else positions_BS
+    cos, sin = rope(positions)
+    mask = None if documents_BS is None else attention_mask(documents_BS, cfg.sliding_window)
+    return cos, sin, mask

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, Shard
 from moetrain.models.block import TransformerBlock
 from moetrain.models.config import ModelConfig
 from moetrain.models.init import InitSpec, init_module
-from moetrain.models.transformer import Transformer
+from moetrain.models.transformer import Transformer, rope_and_mask
 from moetrain.moe.experts import EXPERT_F_DIM, GroupedExperts
 from moetrain.moe.layer import MoELayer
 from moetrain.parallel.compile import apply_compile
@@ -59,9 +59,13 @@ class PipelineChunk(nn.Module):
     norm and head on the last): one pipeline stage. Parameter names stay those of the full
     model (``layers.<i>...``), so checkpoints do not depend on the layout.
 
-    ``forward(x)``: token ids ``[B, S]`` on the first chunk, hidden states after; returns
-    hidden states, or fp32 logits on the last chunk. ``seq_shards`` is the TP degree (the hidden
-    states between stages are sequence chunks).
+    ``forward(x, documents_BS=None, positions_BS=None)``: token ids ``[B, S]`` on the first
+    chunk, hidden states after; returns hidden states, or fp32 logits on the last chunk.
+    ``seq_shards`` is the TP degree (the hidden states between stages are sequence chunks).
+    ``documents_BS``/``positions_BS`` (document masking, as ``Transformer.forward``) are the
+    full window's ``[B, S]``: every stage gets them as keyword arguments (the pipeline schedule
+    splits them into micro-batches like the tokens and passes them to every stage), and builds
+    its own mask and cos/sin from them.
     """
 
     def __init__(
@@ -76,16 +80,20 @@ class PipelineChunk(nn.Module):
         self.output = model.output if last else None
         self.rope = model.rope
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, documents_BS: Tensor | None = None, positions_BS: Tensor | None = None
+    ) -> Tensor:
         if self.tok_embeddings is not None:
             seq_len = x.shape[1]
             h = self.tok_embeddings(x)
         else:
             seq_len = x.shape[1] * self.seq_shards
             h = x
-        cos, sin = self.rope(torch.arange(seq_len, device=x.device))
+        cos, sin, mask = rope_and_mask(
+            self.rope, self.cfg, (x.shape[0], seq_len), x.device, documents_BS, positions_BS
+        )
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, None, mask)
         if self.norm is not None and self.output is not None:
             return self.output(self.norm(h)).float()
         return h

@@ -2,9 +2,12 @@
 training schedule (GPipe, 1F1B, interleaved 1F1B), plus a forward-only pass for evaluation.
 
 Stage ``s`` runs on pp rank ``s % pp`` (``v * pp + p`` for virtual stage ``v``): the layout
-interleaved schedules expect. The pipeline's micro-batches are the rank's
-``global / (micro x dp)`` micro-batches, so every MoE call sees exactly one micro-batch, as in
-the single-process run.
+interleaved schedules expect. Document masking's ``documents_BS``/``positions_BS`` go to
+``schedule.step`` as keyword arguments: torch's schedules split tensor kwargs into micro-batches
+like the inputs and hand them to every stage's forward (``forward_one_chunk``), not only the
+first; they take no gradient and are never sent between stages. The pipeline's micro-batches
+are the rank's ``global / (micro x dp)`` micro-batches, so every MoE call sees exactly one
+micro-batch, as in the single-process run.
 """
 
 from __future__ import annotations
@@ -94,9 +97,13 @@ def build_schedule(
 
 
 @torch.no_grad()
-def pipeline_forward(pm: ParallelModel, ctx: ParallelContext, tokens_BS: Tensor) -> Tensor | None:
+def pipeline_forward(
+    pm: ParallelModel, ctx: ParallelContext, tokens_BS: Tensor, **documents: Tensor
+) -> Tensor | None:
     """Forward-only pass through all stages (evaluation): activations travel by send/recv in
-    stage order. Returns the logits on the rank holding the last stage, None elsewhere."""
+    stage order. ``documents`` (``documents_BS``, ``positions_BS``: document masking) reach
+    every stage, as in the training schedule. Returns the logits on the rank holding the last
+    stage, None elsewhere."""
     pp = ctx.dims.pp
     num_stages = pp * len(pm.chunks)
     group = ctx.group("pp")
@@ -108,12 +115,12 @@ def pipeline_forward(pm: ParallelModel, ctx: ParallelContext, tokens_BS: Tensor)
             continue
         chunk = pm.chunks[pm.stage_ids.index(s)]
         if s == 0:
-            h = chunk(tokens_BS)
+            h = chunk(tokens_BS, **documents)
         else:
             B, S = tokens_BS.shape
             h = torch.empty(_hidden_shape(pm, ctx, B, S), device=ctx.device)
             dist.recv(h, group=group, group_src=(s - 1) % pp)
-            h = chunk(h)
+            h = chunk(h, **documents)
         if s < num_stages - 1:
             assert h is not None
             dist.send(h.contiguous(), group=group, group_dst=(s + 1) % pp)

@@ -225,3 +225,68 @@ def test_layout_on_gpus_with_nccl(layout, data_dir):
         train_steps_rank, world, data_dir, overrides, 3, timeout=200, backend="nccl"
     )
     assert_matches(results, train_steps(data_dir, []))
+
+
+# --- document masking (data.document_mask): the same contract on packed short documents -----
+
+# short documents (4..24 tokens), so that every 32-token window holds document boundaries; the
+# 500-token documents of data_dir leave most windows without one, and masking would be a no-op
+DOC_MAX_LEN = 24
+DOC_MASK = ["data.document_mask=true"]
+DOC_MASK_LAYOUTS = ["tp2", "pp2_1f1b", "pp2_interleaved", "ep2"]
+_doc_reference_cache: dict[tuple[str, ...], dict] = {}
+
+
+@pytest.fixture(scope="module")
+def doc_data_dir(tmp_path_factory) -> str:
+    import numpy as np
+
+    from moetrain.data.token_file import TokenDirWriter
+    from moetrain.data.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 256, size=int(n)) for n in rng.integers(4, DOC_MAX_LEN + 1, 3000)]
+    for doc in docs:
+        doc[-1] = tok.require_eos()
+    path = str(tmp_path_factory.mktemp("doc_tokens"))
+    with TokenDirWriter(path, tok) as writer:
+        writer.write(np.concatenate(docs), len(docs))
+        writer.commit()
+    return path
+
+
+def doc_reference(data_dir: str, overrides: list[str]) -> dict:
+    key = tuple(overrides)
+    if key not in _doc_reference_cache:
+        _doc_reference_cache[key] = train_steps(data_dir, list(overrides))
+    return _doc_reference_cache[key]
+
+
+def test_document_windows_hold_boundaries_and_the_mask_is_live(doc_data_dir):
+    """Every window of the masked rows below holds an eos before its last input position (no
+    gap between eos tokens exceeds DOC_MAX_LEN < seq_len 32), and masking changes the run (so
+    the rows can fail)."""
+    from moetrain.data.dataset import TokenSource
+    from moetrain.data.tokenizer import ByteTokenizer
+
+    tokens = TokenSource(doc_data_dir).tokens
+    eos_at = (tokens == ByteTokenizer().require_eos()).nonzero()[0]
+    assert eos_at[0] < DOC_MAX_LEN and (eos_at[1:] - eos_at[:-1]).max() <= DOC_MAX_LEN
+    masked = doc_reference(doc_data_dir, DOC_MASK)
+    plain = doc_reference(doc_data_dir, [])
+    assert masked["loss"] != pytest.approx(plain["loss"], rel=1e-3)
+    assert masked["val_loss"] != pytest.approx(plain["val_loss"], rel=1e-3)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", DOC_MASK_LAYOUTS)
+def test_document_mask_layout_equals_single_process(layout, doc_data_dir):
+    """Masked rows of the matrix: tensor parallelism (mask over the gathered sequence), the
+    pipeline schedules (documents reach every stage as schedule kwargs; evaluation through
+    ``pipeline_forward``), expert parallelism."""
+    world, overrides = LAYOUTS[layout]
+    results = run_distributed(
+        train_steps_rank, world, doc_data_dir, [*DOC_MASK, *overrides], 3, timeout=200
+    )
+    assert_matches(results, doc_reference(doc_data_dir, DOC_MASK))
