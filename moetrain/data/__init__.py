@@ -1,14 +1,18 @@
 """Data pipeline: built-in corpus, tokenizers, prepared token files, windows, resumable sampler.
 
-Public API: ``DataConfig``, ``build_tokenizer``, ``build_datasets``, ``WindowDataset``,
-``TokenSource``, ``ShuffledSampler``, ``BatchIterator``, ``MegatronIndexedDataset`` (read-only
-Megatron-LM ``.idx``/``.bin`` reader). See docs/data.md.
+Public API: ``DataConfig``/``SourceConfig``, ``build_tokenizer``, ``build_datasets``,
+``WindowDataset``, ``TokenSource``, ``ShuffledSampler``, ``BatchIterator``,
+``PrefetchingBatches`` (background assembly), ``MixtureWindows``/``MixtureSampler`` (weighted
+mixtures), ``MegatronIndexedDataset`` (read-only Megatron-LM ``.idx``/``.bin`` reader). See
+docs/data.md.
 """
 
 from moetrain.data.batches import BatchIterator, micro_batch_slices
-from moetrain.data.config import DataConfig
+from moetrain.data.config import DataConfig, SourceConfig
 from moetrain.data.dataset import TokenSource, WindowDataset, build_datasets
 from moetrain.data.megatron_indexed import MegatronIndexedDataset
+from moetrain.data.mixture import MixtureSampler, MixtureWindows
+from moetrain.data.prefetch import PrefetchingBatches
 from moetrain.data.sampler import ShuffledSampler
 from moetrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
@@ -18,7 +22,11 @@ __all__ = [
     "DataConfig",
     "HFTokenizer",
     "MegatronIndexedDataset",
+    "MixtureSampler",
+    "MixtureWindows",
+    "PrefetchingBatches",
     "ShuffledSampler",
+    "SourceConfig",
     "TokenSource",
     "Tokenizer",
     "WindowDataset",

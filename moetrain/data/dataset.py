@@ -19,6 +19,7 @@ from torch import Tensor
 
 from moetrain.data import corpus
 from moetrain.data.config import DataConfig
+from moetrain.data.sampler import ShuffledSampler
 from moetrain.data.token_file import DTYPES, TOKENS_FILE, read_meta
 from moetrain.data.tokenizer import Tokenizer
 
@@ -119,6 +120,10 @@ class WindowDataset:
         w_BW = torch.from_numpy(np.stack(rows).astype(np.int64))
         return w_BW[:, :-1], w_BW[:, 1:]
 
+    def sampler(self, seed: int) -> ShuffledSampler:
+        """The training order over this dataset's windows (``train.seed``)."""
+        return ShuffledSampler(len(self), seed)
+
     def fixed_batches(self, num_batches: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
         """The same ``num_batches`` (inputs_BS, targets_BS) batches on every call (for evaluation).
 
@@ -136,7 +141,7 @@ class WindowDataset:
 
 def build_datasets(
     cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, vocab_size: int
-) -> tuple[WindowDataset, WindowDataset, dict[str, Any]]:
+) -> tuple[Any, Any, dict[str, Any]]:
     """(train, val, metadata) for ``cfg``, with every check a user can fail made up front.
 
     Raises ``ValueError``/``FileNotFoundError`` naming ``data.*`` (config, files, tokenizer
@@ -146,6 +151,10 @@ def build_datasets(
     cfg.validate()
     if seq_len <= 0:
         raise ValueError(f"train.seq_len: must be positive, got {seq_len}")
+    if cfg.source == "mix":  # the mixture module builds on this one
+        from moetrain.data.mixture import build_mixture
+
+        return build_mixture(cfg, tokenizer, seq_len, vocab_size)
     if cfg.source == "stdlib":
         train = corpus.load_stdlib_tokens("train", tokenizer, cfg.val_fraction)
         val = corpus.load_stdlib_tokens("val", tokenizer, cfg.val_fraction)
@@ -155,7 +164,7 @@ def build_datasets(
     else:
         assert cfg.path is not None  # validate() guarantees it
         source = TokenSource(cfg.path)
-        _check_tokenizer_matches(source, tokenizer)
+        check_tokenizer_matches(source.meta, source.path, tokenizer, "data.tokenizer")
         source.validate_vocab(vocab_size)
         train, val = source.split(cfg.val_fraction)
         meta = {"source": "tokens", "path": os.path.abspath(cfg.path), **source.meta}
@@ -172,12 +181,13 @@ def build_datasets(
     return train_ds, val_ds, meta
 
 
-def _check_tokenizer_matches(source: TokenSource, tokenizer: Tokenizer) -> None:
-    meta = source.meta
+def check_tokenizer_matches(meta: dict, path: str, tokenizer: Tokenizer, key: str) -> None:
+    """``ValueError`` naming ``key`` unless ``tokenizer`` is the one the prepared directory
+    ``path`` (its ``meta``) was written with (vocab size and eos id compared)."""
     if meta["vocab_size"] != tokenizer.vocab_size or meta["eos_id"] != tokenizer.eos_id:
         raise ValueError(
-            f"data.tokenizer: {tokenizer.name!r} (vocab {tokenizer.vocab_size}, eos "
-            f"{tokenizer.eos_id}) is not the tokenizer {source.path!r} was prepared with "
+            f"{key}: the tokenizer {tokenizer.name!r} (vocab {tokenizer.vocab_size}, eos "
+            f"{tokenizer.eos_id}) is not the tokenizer {path!r} was prepared with "
             f"({meta['tokenizer']!r}: vocab {meta['vocab_size']}, eos {meta['eos_id']}); "
             "set data.tokenizer to that one"
         )

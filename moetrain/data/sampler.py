@@ -20,15 +20,20 @@ class ShuffledSampler:
     Args:
         num_items: the number of items (dataset windows); must be positive.
         seed: a non-negative integer; the same seed gives the same stream everywhere.
+        stream: a non-negative integer naming an independent stream of the same seed (the
+            sources of a mixture): epoch ``e`` is then drawn from ``SeedSequence([seed, stream,
+            e])``. None (the default) is the single-source stream described above.
     """
 
-    def __init__(self, num_items: int, seed: int) -> None:
+    def __init__(self, num_items: int, seed: int, stream: Optional[int] = None) -> None:
         if num_items <= 0:
             raise ValueError(f"ShuffledSampler needs at least one item, got num_items={num_items}")
         if seed < 0:
             raise ValueError(f"train.seed: must be >= 0 for the data sampler, got {seed}")
         self.num_items = int(num_items)
         self.seed = int(seed)
+        self.stream = stream
+        self.name = "data"  # how progress() names it (the trainer sets data.source)
         self.epoch = 0
         self.index = 0
         self._perm: Optional[np.ndarray] = None
@@ -36,7 +41,8 @@ class ShuffledSampler:
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The visiting order of ``epoch`` (int64 indices)."""
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+        words = [self.seed, epoch] if self.stream is None else [self.seed, self.stream, epoch]
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
         return rng.permutation(self.num_items)
 
     def _current(self) -> np.ndarray:
@@ -62,6 +68,16 @@ class ShuffledSampler:
     def __next__(self) -> int:
         return int(self.take(1)[0])
 
+    def progress(self, state: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+        """At ``state`` (default: now): ``{"epochs": {name: epoch + index / num_items},
+        "shares": {name: 1.0}}`` with ``name`` this sampler's ``name`` (a mixture reports one
+        entry per source)."""
+        state = state or self.state_dict()
+        return {
+            "epochs": {self.name: state["epoch"] + state["index"] / self.num_items},
+            "shares": {self.name: 1.0},
+        }
+
     def state_dict(self) -> dict[str, int]:
         """The position: ``{"epoch": e, "index": i}`` (i items of epoch e already drawn)."""
         return {"epoch": self.epoch, "index": self.index}
@@ -72,7 +88,8 @@ class ShuffledSampler:
             epoch, index = int(state["epoch"]), int(state["index"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
-                f"sampler state must be {{'epoch': int, 'index': int}}, got {state!r}"
+                f"sampler state must be {{'epoch': int, 'index': int}}, got {state!r}; a "
+                "checkpoint written with data.source=mix resumes with that mixture only"
             ) from err
         if epoch < 0 or not 0 <= index <= self.num_items:
             raise ValueError(

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from moetrain import checkpoint
+from moetrain.checkpoint.errors import CheckpointError
 from moetrain.parallel import activity
 from moetrain.train.lr import load_scheduler_state, scheduler_state
 from moetrain.train.nonfinite import NonFiniteError
@@ -96,12 +97,15 @@ def resume(trainer: Trainer) -> Path | None:
     begin = time.perf_counter()
     activity.set_phase("checkpoint load")
     state = checkpoint.native.read_train_state(path)
+    try:  # first: a data mismatch (another mixture) stops before any weights are read
+        trainer.train_batches.load_state_dict(state["sampler"])
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint.resume: {path}: {err}") from err
     same_layout = state.get("layout") == trainer._layout()
     with single_process_quiet():
         checkpoint.load(path, trainer.state_module, trainer.optimizer, same_layout)
     trainer.step = int(state["step"])
     load_scheduler_state(trainer.scheduler, state["scheduler"])
-    trainer.train_batches.load_state_dict(state["sampler"])
     trainer.wandb_run_id = state.get("wandb_run_id")
     if not same_layout:  # per-rank RNG streams are re-derived from the seed and step
         torch.manual_seed(trainer.cfg.train.seed + trainer.step + 1_000_003 * trainer.ctx.rank)

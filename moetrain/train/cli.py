@@ -212,6 +212,9 @@ def data_summary(meta: dict) -> str:
     where = meta.get("source", "?")
     if where == "stdlib":
         where = f"Python {meta.get('python_version')} standard library"
+    elif where == "mix":
+        parts = [f"{s['name']} {s['weight']:.2f} ({s['format']})" for s in meta["sources"]]
+        where = f"mixture of {', '.join(parts)}"
     tokens = meta.get("train_tokens", 0) / 1e6
     return (
         f"{where}: {tokens:.1f}M train tokens, {meta.get('val_tokens', 0) / 1e6:.2f}M val "

@@ -25,8 +25,10 @@ from tqdm import tqdm
 
 from moetrain.config.schema import Config
 from moetrain.config.validate import expert_placement, parallel_dims
-from moetrain.data import BatchIterator, ShuffledSampler, build_datasets, build_tokenizer
+from moetrain.data import BatchIterator, build_datasets, build_tokenizer
+from moetrain.data.prefetch import PrefetchingBatches
 from moetrain.models import Transformer
+from moetrain.models.documents import document_inputs
 from moetrain.parallel import activity
 from moetrain.parallel.context import ParallelContext, close_parallel, init_parallel
 from moetrain.parallel.parallelize import parallelize
@@ -40,6 +42,7 @@ from moetrain.train.callbacks import (
     RunReport,
     StragglerStatistics,
 )
+from moetrain.train.data_stats import DataStatistics
 from moetrain.train.lr import build_scheduler
 from moetrain.train.memory import peak_memory
 from moetrain.train.metrics import MetricsWriter, bits_per_token, console_line
@@ -96,6 +99,7 @@ class Trainer:
             RunReport(run_dir, self.ctx.is_logging_rank),  # report.html, expert_load.png
             StragglerStatistics(),  # before any callback whose collective syncs the ranks
             MemoryStatistics(),
+            DataStatistics(),
             ProfileSteps(t.profile_steps, run_dir, self.ctx.rank),
             *(callbacks or []),
         ]
@@ -138,13 +142,17 @@ class Trainer:
             cfg.data, self.tokenizer, t.seq_len, cfg.model.vocab_size
         )
         # every rank draws the same indices; the sampler's position is training state
-        self.train_batches = BatchIterator(
+        self.data_sampler = train_data.sampler(t.seed)
+        self.data_sampler.name = cfg.data.source  # a mixture names its sources itself
+        batches = BatchIterator(
             train_data,
-            ShuffledSampler(len(train_data), t.seed),
+            self.data_sampler,
             t.micro_batch_size,
             dp_rank=self.ctx.dp_rank,
             dp_size=self.ctx.dims.dp,
         )
+        # assembled ahead of the step by a background thread (data.prefetch batches)
+        self.train_batches = PrefetchingBatches(batches, t.global_batch_size, cfg.data.prefetch)
 
     def _build_model(self) -> None:
         """The model is built on the meta device, cut and sharded by the layout, and only then
@@ -213,6 +221,7 @@ class Trainer:
             result = self._train(writer, tracker, watchdog)
         finally:
             watchdog.stop()
+            self.train_batches.close()
             if writer is not None:
                 writer.close()
             tracker.finish()
@@ -313,7 +322,9 @@ class Trainer:
         return checkpointing.resume(self)
 
     def close(self) -> None:
-        """Leave the process group the trainer joined (no-op in one process)."""
+        """Stop the batch prefetcher; leave the process group the trainer joined (no-op in one
+        process)."""
+        self.train_batches.close()
         close_parallel(self.ctx)
 
     def train_step(self) -> tuple[dict[str, Any], float, float]:
@@ -368,8 +379,9 @@ class Trainer:
         first, last = 0 in self.pm.stage_ids, num_stages - 1 in self.pm.stage_ids
         self._pp_losses.clear()
         args = (inputs,) if first else ()
+        docs = self._documents(inputs)  # kwargs: torch's schedules hand them to every stage
         with self.autocast:
-            self.schedule.step(*args, target=targets if last else None)
+            self.schedule.step(*args, target=targets if last else None, **docs)
         if not last:
             return 0.0, 0
         return float(torch.stack(self._pp_losses).double().sum()), len(self._pp_losses)
@@ -415,10 +427,17 @@ class Trainer:
         tracker.log(row, step)
         return val
 
+    def _documents(self, inputs_BS: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The forward's document-masking kwargs (``data.document_mask``; none when off)."""
+        d = self.cfg.data
+        if not d.document_mask:
+            return {}
+        return document_inputs(inputs_BS, self.tokenizer.require_eos(), d.document_positions)
+
     def _lm_loss(self, inputs_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy (mean over tokens), the logits upcast to fp32."""
         with self.autocast:
-            logits_BSV = self.model(inputs_BS)
+            logits_BSV = self.model(inputs_BS, **self._documents(inputs_BS))
         return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
 
     @torch.no_grad()
@@ -438,8 +457,9 @@ class Trainer:
             if self.schedule is None:
                 total += self._lm_loss(inputs_BS, targets_BS)
                 continue
+            docs = self._documents(inputs_BS)
             with self.autocast:
-                logits = pipeline_forward(self.pm, self.ctx, inputs_BS)
+                logits = pipeline_forward(self.pm, self.ctx, inputs_BS, **docs)
             if logits is not None:
                 total += F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
         if self.schedule is not None:

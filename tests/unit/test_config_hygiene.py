@@ -224,7 +224,10 @@ def test_shipped_presets_give_none(model, optim, experiment):
 @pytest.mark.parametrize("data", _presets("data"))
 @pytest.mark.parametrize("parallel", _presets("parallel"))
 def test_shipped_data_and_parallel_presets_give_none(data, parallel, tmp_path):
-    path = [f"data.path={tmp_path}"] if data == "tokens" else []
+    path = {
+        "tokens": [f"data.path={tmp_path}"],
+        "mix": [f"data.sources=[{{path: {tmp_path}, weight: 1.0}}]"],
+    }.get(data, [])
     cfg = config(f"data={data}", f"parallel={parallel}", *path)
     validate(cfg)
     assert ineffective_keys(cfg) == []

@@ -42,7 +42,7 @@ def test_missing_tokenizer_file():
         DataConfig(tokenizer="/no/such/tokenizer.json").validate()
 
 
-@pytest.mark.parametrize("name", ["stdlib", "tokens"])
+@pytest.mark.parametrize("name", ["stdlib", "tokens", "mix"])
 def test_yaml_matches_fields(name):
     raw = OmegaConf.load(CONFIGS / f"{name}.yaml")
     assert set(raw.keys()) == {f.name for f in dataclasses.fields(DataConfig)}
