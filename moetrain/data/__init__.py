@@ -3,14 +3,15 @@
 Public API: ``DataConfig``/``SourceConfig``, ``build_tokenizer``, ``build_datasets``,
 ``WindowDataset``, ``TokenSource``, ``ShuffledSampler``, ``BatchIterator``,
 ``PrefetchingBatches`` (background assembly), ``MixtureWindows``/``MixtureSampler`` (weighted
-mixtures), ``MegatronIndexedDataset`` (read-only Megatron-LM ``.idx``/``.bin`` reader). See
-docs/data.md.
+mixtures), ``MegatronIndexedDataset``/``MegatronWriter`` (Megatron-LM ``.idx``/``.bin`` reader
+and writer). See docs/data.md.
 """
 
 from moetrain.data.batches import BatchIterator, micro_batch_slices
 from moetrain.data.config import DataConfig, SourceConfig
 from moetrain.data.dataset import TokenSource, WindowDataset, build_datasets
 from moetrain.data.megatron_indexed import MegatronIndexedDataset
+from moetrain.data.megatron_writer import MegatronWriter
 from moetrain.data.mixture import MixtureSampler, MixtureWindows
 from moetrain.data.prefetch import PrefetchingBatches
 from moetrain.data.sampler import ShuffledSampler
@@ -22,6 +23,7 @@ __all__ = [
     "DataConfig",
     "HFTokenizer",
     "MegatronIndexedDataset",
+    "MegatronWriter",
     "MixtureSampler",
     "MixtureWindows",
     "PrefetchingBatches",

@@ -254,5 +254,5 @@ class PrefetchingBatches:
     def close(self) -> None:
         """Stop and join the worker (after the batch it is assembling, if any) and rewind the
         source to ``state_dict()``; idempotent. Not final: ``state_dict()`` works afterwards and
-        ``next_global_batch`` starts a new worker (a trainer may ``fit`` again)."""
+        ``next_global_batch`` starts a new worker (a trainer may ``run`` again)."""
         self._stop_worker()
