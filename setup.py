@@ -116,6 +116,7 @@ setup(
         "bench": BENCH,
         "tensorboard": TENSORBOARD,
         "data": DATA,
+        "megatron": ["megatron-core==0.16.0"],
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
