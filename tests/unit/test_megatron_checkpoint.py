@@ -108,6 +108,23 @@ def test_import_and_export_match_megatron(base, tmp_path):
     assert diff <= ATOL
 
 
+@pytest.mark.timeout(120)
+def test_megatron_to_hub_loads_in_transformers_with_megatrons_logits(megatron, tmp_path):
+    """Three independent implementations agree: megatron-core's logits and those of the hub
+    export of its checkpoint (``--format hf``, here Mixtral's layout: a softmax router, no
+    shared expert) run by ``transformers``."""
+    transformers = pytest.importorskip("transformers")
+    args, want, ckpt = saved(megatron, "hub_source", **VARIANTS["softmax_no_bias_no_shared"])
+    out = tmp_path / "hub"
+    assert convert.main(["--from", str(ckpt), "--to", str(out), "--format", "hf"]) == 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    with torch.no_grad():
+        logits = theirs.eval()(tokens(args.padded_vocab_size)).logits.float()
+    diff = max_diff(logits, want)
+    print(f"megatron -> hub ({theirs.config.model_type}): max |logit diff| = {diff:.3g}")
+    assert diff <= ATOL
+
+
 VARIANTS = {
     # GroupedMLP (the grouped-GEMM expert weights weight1/weight2), run by megatron-core itself
     "grouped_gemm": dict(moe_grouped_gemm=True),
