@@ -24,6 +24,7 @@ TEST = [
     "transformers>=5.0",
     "safetensors>=0.4",
     "megatron-core==0.16.0",  # an independent oracle in tests (its router, on CPU)
+    "psutil>=5.9",  # megatron-core's dist_checkpointing save needs it (not in its requirements)
     "tensorboard>=2.14",  # logging.tensorboard's tests read the events back
     "pyarrow>=14",  # prepare's parquet/Arrow inputs
     "zstandard>=0.22",  # prepare's .jsonl.zst inputs
@@ -116,7 +117,7 @@ setup(
         "bench": BENCH,
         "tensorboard": TENSORBOARD,
         "data": DATA,
-        "megatron": ["megatron-core==0.16.0"],
+        "megatron": ["megatron-core==0.16.0", "psutil>=5.9"],
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
