@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -282,6 +283,9 @@ def save_checkpoint(
     and per SwiGLU half). Returns the iteration directory."""
     from megatron.core import dist_checkpointing
 
+    # its save raises in a helper process without psutil and the caller then waits forever
+    if importlib.util.find_spec("psutil") is None:
+        raise RuntimeError("megatron-core's checkpoint save needs psutil: pip install psutil")
     it = iteration_dir(save_dir, iteration)
     if dist.get_rank() == 0:
         it.mkdir(parents=True, exist_ok=True)
