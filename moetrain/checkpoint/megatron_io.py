@@ -85,16 +85,11 @@ def load_megatron_weights(path: str | os.PathLike, module: nn.Module, cfg: Model
     of ``cfg`` at any layout: whole tensors or DTensor shards, or one pipeline stage's layers
     under the full model's names). ``cfg`` must describe the same network as the checkpoint's
     args. Each process reads the whole checkpoint and keeps its own region."""
-    from moetrain.checkpoint.hf.hub import _init_mismatch
+    from moetrain.checkpoint.hf.hub import check_same_model
 
     theirs, state = read_megatron(path, "checkpoint.init_from")
-    bad = _init_mismatch(cfg, theirs)
-    if bad:
-        raise CheckpointError(
-            f"checkpoint.init_from: {path} is a different model: "
-            + "; ".join(bad)
-            + " (set model.* to match, e.g. the config moetrain-convert --format native writes)"
-        )
+    hint = "set model.* to match, e.g. the config moetrain-convert --format native writes"
+    check_same_model(cfg, theirs, path, hint)
     with torch.no_grad():
         for name, target in module.state_dict(keep_vars=True).items():
             if name not in state:

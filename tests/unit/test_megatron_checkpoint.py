@@ -307,6 +307,18 @@ def test_export_of_an_inexpressible_model_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.timeout(60)
+def test_init_from_a_different_model_names_the_fields(base):
+    from moetrain.checkpoint.errors import CheckpointError
+    from moetrain.checkpoint.megatron_io import load_megatron_weights
+
+    _, _, ckpt = base
+    cfg = moetrain.load_model(ckpt).cfg
+    cfg.num_layers += 1
+    with pytest.raises(CheckpointError, match=r"is a different model: model\.num_layers: 3 here"):
+        load_megatron_weights(ckpt, Transformer(cfg), cfg)
+
+
 @pytest.mark.timeout(120)
 def test_init_from_continues_from_megatrons_loss(megatron, tmp_path):
     """``checkpoint.init_from=<megatron save dir>``: the first training step's loss is

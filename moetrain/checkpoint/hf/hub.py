@@ -55,6 +55,17 @@ _SAME_FOR_INIT_MOE = (
 )  # fmt: skip
 
 
+def check_same_model(run: ModelConfig, theirs: ModelConfig, path: object, hint: str) -> None:
+    """``CheckpointError`` naming every ``model.*`` field that differs between the run's config
+    and the checkpoint's ``theirs`` (``checkpoint.init_from`` needs the same network); ``hint``
+    says where a matching config comes from."""
+    bad = _init_mismatch(run, theirs)
+    if bad:
+        raise CheckpointError(
+            f"checkpoint.init_from: {path} is a different model: {'; '.join(bad)} ({hint})"
+        )
+
+
 def _init_mismatch(run: ModelConfig, hub: ModelConfig) -> list[str]:
     dense_layers = run.num_layers - run.num_moe_layers
     bad = [
@@ -80,13 +91,8 @@ def load_hf_weights(path: str | os.PathLike, model: torch.nn.Module, cfg: ModelC
     process reads only the regions of the hub tensors that its parameters hold (plus every
     file's header); see :mod:`moetrain.checkpoint.hf.stream`."""
     arch, hub_cfg = config_from_hf(read_config(path))
-    bad = _init_mismatch(cfg, hub_cfg)
-    if bad:
-        raise CheckpointError(
-            f"checkpoint.init_from: {path} is a different model: "
-            + "; ".join(bad)
-            + " (set model.* to match, e.g. start from the config moetrain-convert prints)"
-        )
+    hint = "set model.* to match, e.g. start from the config moetrain-convert prints"
+    check_same_model(cfg, hub_cfg, path, hint)
     with HubReader(path) as reader:
         fill_from_hub(model, reader, import_plan(reader.shapes(), cfg, arch.name))
 
