@@ -124,7 +124,7 @@ def reference_peer(shape: Shape) -> Peer:
 def _kept_rows(layer: MoELayer) -> int:
     stats = layer.last_stats
     assert stats is not None
-    return stats.num_assignments - int(stats.num_dropped)
+    return int(stats.num_assignments) - int(stats.num_dropped)
 
 
 def balanced_bmm_peer(shape: Shape, rows: int | None = None) -> Peer:

@@ -19,6 +19,7 @@ import torch
 from moetrain.checkpoint.errors import CheckpointError
 from moetrain.models.config import ModelConfig
 from moetrain.moe.config import MoEConfig
+from moetrain.moe.routes import research_options
 
 # what the importer needs from args (each the fix flag can give): the shape, and the options
 # whose Megatron-LM defaults (GeLU, LayerNorm, learned positions) moetrain cannot express, so
@@ -219,7 +220,8 @@ def export_problems(cfg: ModelConfig) -> list[str]:
                 ),
             }
         )
-    return [what for what, bad in checks.items() if bad]
+    problems = [what for what, bad in checks.items() if bad]
+    return problems + (research_options(m) if cfg.num_moe_layers else [])
 
 
 def _moe_layer_freq(cfg: ModelConfig) -> int | list[int]:

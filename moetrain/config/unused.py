@@ -244,6 +244,7 @@ def _unused_moe(cfg: Config) -> list[Unused]:
         found += _unused(
             moe, "model.moe", ["shared_hidden_dim"], "with model.moe.num_shared_experts=0"
         )
+    found += _unused_routes(moe)
     if moe.bias_update_rate is None or moe.capacity_factor is None:
         found += _unused(
             moe,
@@ -251,6 +252,29 @@ def _unused_moe(cfg: Config) -> list[Unused]:
             ["bias_load"],
             "without both model.moe.bias_update_rate (aux-loss-free balancing) and "
             "model.moe.capacity_factor (dropping): it chooses which loads that balancing counts",
+        )
+    return found
+
+
+def _unused_routes(moe) -> list[Unused]:
+    """The routing-research keys (moetrain.moe.routes) that an option leaves without effect."""
+    found: list[Unused] = []
+    if moe.top_p is None:
+        found += _unused(moe, "model.moe", ["min_k", "max_k"], "with model.moe.top_p=null")
+    if moe.num_zero_experts + moe.num_copy_experts + moe.num_constant_experts == 0:
+        found += _unused(
+            moe,
+            "model.moe",
+            ["zero_compute_aux_weight"],
+            "without zero-computation experts (model.moe.num_zero/copy/constant_experts)",
+        )
+    if moe.expert_choice is not None:
+        found += _unused(
+            moe,
+            "model.moe",
+            ["aux_loss_coeff", "aux_loss_coeff_per_layer", "aux_loss_scope", "drop_policy"],
+            "with model.moe.expert_choice (every expert takes the same number of tokens: no "
+            "balance loss, nothing dropped)",
         )
     return found
 

@@ -222,6 +222,12 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
             f"{m.moe.router_type!r} routes by token id, which later pipeline stages do not "
             "receive; use a learned router with parallel.pp > 1",
         )
+    if dims.pp > 1 and m.num_moe_layers and m.moe.gating_residual:
+        _fail(
+            "model.moe.gating_residual",
+            "hands each MoE layer's router logits to the next MoE layer, which a pipeline "
+            "stage boundary cuts; use parallel.pp=1 or gating_residual=false",
+        )
     if cfg.train.seq_len % dims.tp:
         _fail(
             "train.seq_len",

@@ -23,6 +23,7 @@ from moetrain.models.init import InitSpec, init_module, record_init_specs
 from moetrain.models.norms import RMSNorm, set_norm_impl
 from moetrain.models.rope import RotaryEmbedding
 from moetrain.moe.layer import MoELayer
+from moetrain.moe.routes import LogitChain
 
 
 class Transformer(nn.Module):
@@ -55,6 +56,12 @@ class Transformer(nn.Module):
             is_moe = cfg.is_moe_layer(layer_id)
             self.layers.append(TransformerBlock(cfg, layer_id, moe_idx if is_moe else None))
             moe_idx += int(is_moe)
+        if cfg.num_moe_layers and cfg.moe.gating_residual:
+            chain = LogitChain()  # MoE++: each MoE layer's logits reach the next MoE layer
+            for block in self.layers:
+                ffn = cast(TransformerBlock, block).feed_forward
+                if isinstance(ffn, MoELayer):
+                    ffn.logit_chain = chain
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

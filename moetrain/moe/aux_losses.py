@@ -19,6 +19,11 @@ import torch
 from torch import Tensor
 
 CountReduce = Callable[[Tensor], Tensor]
+BalanceTerms = Callable[[Tensor, Tensor], Tensor]  # (f [..., E], P [..., E]) -> sum_i f_i P_i
+
+
+def _plain_terms(f: Tensor, P: Tensor) -> Tensor:
+    return (f * P).sum(-1)
 
 
 def expert_counts(topk_ids_TK: Tensor, num_experts: int, keep_TK: Tensor | None = None) -> Tensor:
@@ -40,11 +45,14 @@ def load_balancing_loss(
     scope: str = "micro_batch",
     seq_len: int | None = None,
     counts_E: Tensor | None = None,
+    active_TK: Tensor | None = None,
+    terms: BalanceTerms = _plain_terms,
 ) -> Tensor:
     """Switch/GShard balance loss ``coeff * E * sum_i f_i * P_i``.
 
-    ``f_i`` is expert i's share of the T*K assignments (not differentiable), ``P_i`` the mean
-    router probability of i. Scopes:
+    ``f_i`` is expert i's share of the T*K assignments (not differentiable; with ``active_TK``
+    of the active ones only), ``P_i`` the mean router probability of i. ``terms`` computes the
+    sum (routing options weigh or pool experts: ``moetrain.moe.routes.balance_terms``). Scopes:
 
     - ``micro_batch``: f and P over the T tokens of this call.
     - ``sequence``: f and P per sequence of ``seq_len`` tokens (rows of T are sequence-major),
@@ -63,17 +71,21 @@ def load_balancing_loss(
             )
         B = probs_TE.shape[0] // seq_len
         ids_BA = topk_ids_TK.reshape(B, -1)
-        counts_BE = torch.zeros(B, E, device=probs_TE.device).scatter_add_(
-            1, ids_BA, torch.ones_like(ids_BA, dtype=torch.float32)
-        )
-        f_BE = counts_BE / ids_BA.shape[1]
+        ones_BA = torch.ones_like(ids_BA, dtype=torch.float32)
+        if active_TK is not None:
+            ones_BA = active_TK.reshape(B, -1).float()
+        counts_BE = torch.zeros(B, E, device=probs_TE.device).scatter_add_(1, ids_BA, ones_BA)
+        if active_TK is None:
+            f_BE = counts_BE / ids_BA.shape[1]
+        else:
+            f_BE = counts_BE / counts_BE.sum(-1, keepdim=True).clamp(min=1)
         P_BE = probs_TE.reshape(B, seq_len, E).mean(1)
-        return coeff * E * (f_BE * P_BE).sum(-1).mean()
+        return coeff * E * terms(f_BE, P_BE).mean()
     if scope != "global" or counts_E is None:
-        counts_E = expert_counts(topk_ids_TK, E)
+        counts_E = expert_counts(topk_ids_TK, E, active_TK)
     f_E = counts_E / counts_E.sum().clamp(min=1)
     P_E = probs_TE.mean(0)
-    return coeff * E * (f_E * P_E).sum()
+    return coeff * E * terms(f_E, P_E)
 
 
 def z_loss(logits_TE: Tensor, coeff: float) -> Tensor:

@@ -18,6 +18,7 @@ DROP_POLICIES = ("probs", "position")
 SCORE_FUNCS = ("softmax", "sigmoid")
 AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global")
 BIAS_LOADS = ("assigned", "kept")
+EXPERT_CHOICE_SCOPES = ("sequence", "micro_batch")
 
 
 @dataclass
@@ -61,9 +62,44 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_hidden_dim: Optional[int] = None
     shared_gate: bool = False
+    # routing research (docs/moe.md "Routing research"): experts that cost nothing, routes of
+    # varying width; all off by default
+    num_null_experts: int = 0  # AdaMoE: FLOP-free experts that output zero
+    num_zero_experts: int = 0  # MoE++ zero-computation experts: zero (discard) ...
+    num_copy_experts: int = 0  # ... copy (skip: the input) ...
+    num_constant_experts: int = 0  # ... constant (a learned vector mixed with the input)
+    zero_compute_aux_weight: float = 1.0  # MoE++'s tau: their weight in the balance loss
+    gating_residual: bool = False  # MoE++: the previous MoE layer's logits feed the router
+    top_p: Optional[float] = None  # dynamic routing: experts until probability mass >= top_p
+    min_k: int = 1  # top_p: at least this many experts per token
+    max_k: Optional[int] = None  # top_p: at most this many (null: every expert)
+    entropy_loss_coeff: float = 0.0  # top_p's dynamic loss: coeff * mean router entropy
+    expert_choice: Optional[str] = None  # experts choose tokens within a sequence | micro_batch
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def num_extra_experts(self) -> int:
+        """Experts that are not FFNs: null, zero, copy and constant ones."""
+        return (
+            self.num_null_experts
+            + self.num_zero_experts
+            + self.num_copy_experts
+            + self.num_constant_experts
+        )
+
+    @property
+    def num_routes(self) -> int:
+        """Router outputs: the FFN experts first, then null, zero, copy, constant experts."""
+        return self.num_experts + self.num_extra_experts
+
+    @property
+    def route_width(self) -> int:
+        """Expert slots per token: top_k, or max_k with top_p (every route when unbounded)."""
+        if self.top_p is None:
+            return self.top_k
+        return self.num_routes if self.max_k is None else self.max_k
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
@@ -75,12 +111,15 @@ class MoEConfig:
         _choice(self, "router_type", tuple(ROUTERS))
         _choice(self, "aux_loss_scope", AUX_LOSS_SCOPES)
         _choice(self, "bias_load", BIAS_LOADS)
-        if self.top_k > self.num_experts:
+        if self.top_k > self.num_routes:
             _fail("top_k", f"{self.top_k} exceeds num_experts={self.num_experts}; lower top_k")
         self._validate_groups()
         self._validate_capacity()
         self._validate_router()
         self._validate_losses()
+        from moetrain.moe.routes import validate_routes  # the options' own checks
+
+        validate_routes(self)
         if self.num_shared_experts < 0:
             _fail("num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
         if self.shared_hidden_dim is not None and self.shared_hidden_dim <= 0:

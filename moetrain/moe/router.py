@@ -31,12 +31,17 @@ class RouterOutput:
     ``topk_ids_TK`` int64 expert ids; ``topk_weights_TK`` fp32 combine weights (differentiable);
     ``logits_TE`` fp32 raw router logits and ``probs_TE`` fp32 per-expert probabilities (each row
     sums to 1) for the aux losses — both None for routers without learned scores.
+    ``active_TK`` marks the slots that carry a route (None: every slot does): routes of varying
+    width (top-p, expert-choice) leave the rest inactive, with weight 0
+    (:mod:`moetrain.moe.routes`). With null or zero-computation experts, ids and E cover every
+    route (FFN experts first).
     """
 
     topk_ids_TK: Tensor
     topk_weights_TK: Tensor
     logits_TE: Tensor | None = None
     probs_TE: Tensor | None = None
+    active_TK: Tensor | None = None
 
 
 class Router(nn.Module, ABC):

@@ -7,6 +7,10 @@ All router math runs in fp32 whatever the model dtype. Scores are softmax or sig
 group-limited top-k (DeepSeek-V3), gating-logit normalization (Skywork-MoE), top-k
 renormalization, a routed scaling factor, input jitter (Switch) and a per-expert score bias used
 for selection only (DeepSeek-V3 aux-loss-free balancing). ``router_type: learned``.
+
+It also scores null and zero-computation experts (E then counts every route), selects top-p
+(dynamic width) instead of top-k, and adds MoE++'s gating residual (the previous MoE layer's
+logits through a learned [E, E] map): :mod:`moetrain.moe.routes`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from moetrain.moe import noise as noise_streams
 from moetrain.moe.aux_losses import CountReduce, expert_counts
 from moetrain.moe.noise import TokenNoise
 from moetrain.moe.router import Router, RouterOutput
+from moetrain.moe.routes import combine_weights, top_p_select
 
 if TYPE_CHECKING:
     from moetrain.moe.config import MoEConfig
@@ -39,30 +44,47 @@ class TopKRouter(Router):
 
     expert_bias_E: Tensor
     step_load_E: Tensor
+    residual_EE: nn.Parameter | None
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
         self.draws_noise = cfg.router_jitter > 0  # no noise keys to build without jitter
-        self.weight_ED = nn.Parameter(torch.empty(cfg.num_experts, cfg.dim))
+        E = cfg.num_routes  # FFN experts, then null and zero-computation experts
+        self.weight_ED = nn.Parameter(torch.empty(E, cfg.dim))
+        self.residual_EE = None  # MoE++ gating residual: enable_gating_residual()
         # Aux-loss-free balancing state: the bias (selection only) and this step's loads.
-        self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts), persistent=True)
-        self.register_buffer(
-            "step_load_E", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False
-        )
+        self.register_buffer("expert_bias_E", torch.zeros(E), persistent=True)
+        self.register_buffer("step_load_E", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def enable_gating_residual(self) -> None:
+        """Add MoE++'s gating residual: ``forward(..., previous_logits_TE=L)`` adds
+        ``L @ residual_EE.T`` to the logits (``residual_EE`` starts at zero, so the router starts
+        as without it). The layer enables it on every MoE layer but the first."""
+        E = self.cfg.num_routes
+        self.residual_EE = nn.Parameter(torch.zeros(E, E, device=self.weight_ED.device))
 
     def reset_parameters(self, std: float = 0.02) -> None:
         nn.init.normal_(self.weight_ED, std=std)
+        if self.residual_EE is not None:
+            nn.init.zeros_(self.residual_EE)
         self.expert_bias_E.zero_()
         self.step_load_E.zero_()
 
     def forward(
-        self, x_TD: Tensor, token_ids_T: Tensor | None = None, noise: TokenNoise | None = None
+        self,
+        x_TD: Tensor,
+        token_ids_T: Tensor | None = None,
+        noise: TokenNoise | None = None,
+        previous_logits_TE: Tensor | None = None,
     ) -> RouterOutput:
+        """``previous_logits_TE``: the previous MoE layer's logits (gating residual)."""
         # fp32 router math even under autocast (which would run F.linear in bf16)
         with torch.autocast(x_TD.device.type, enabled=False):
-            return self._route(x_TD, noise)
+            return self._route(x_TD, noise, previous_logits_TE)
 
-    def _route(self, x_TD: Tensor, noise: TokenNoise | None) -> RouterOutput:
+    def _route(
+        self, x_TD: Tensor, noise: TokenNoise | None, previous_logits_TE: Tensor | None = None
+    ) -> RouterOutput:
         cfg = self.cfg
         x = x_TD.float()
         if self.training and cfg.router_jitter > 0:
@@ -71,18 +93,23 @@ class TopKRouter(Router):
             u_TD = self.jitter_draws(noise, x.shape[1])
             x = x * (1 - cfg.router_jitter + 2 * cfg.router_jitter * u_TD)
         logits_TE = F.linear(x, self.weight_ED.float())
+        if previous_logits_TE is not None and self.residual_EE is not None:
+            logits_TE = logits_TE + F.linear(previous_logits_TE.float(), self.residual_EE.float())
         scores_TE = self._scores(logits_TE)
+        probs_TE = self._probs(scores_TE)
         choice_TE = scores_TE.detach()
         if cfg.bias_update_rate is not None:
             choice_TE = choice_TE + self.expert_bias_E
         if cfg.num_groups > 1:
             choice_TE = mask_to_top_groups(choice_TE, cfg.num_groups, cfg.topk_groups)
-        topk_ids_TK = _stable_topk_indices(choice_TE, cfg.top_k)
-        weights_TK = scores_TE.gather(-1, topk_ids_TK)
-        if cfg.norm_topk_prob:
-            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-        weights_TK = weights_TK * cfg.routed_scaling_factor
-        return RouterOutput(topk_ids_TK, weights_TK, logits_TE, self._probs(scores_TE))
+        active_TK = None
+        if cfg.top_p is None:
+            topk_ids_TK = _stable_topk_indices(choice_TE, cfg.top_k)
+        else:
+            order_TE = _stable_topk_indices(choice_TE, choice_TE.shape[-1])
+            topk_ids_TK, active_TK = top_p_select(cfg, order_TE, probs_TE)
+        weights_TK = combine_weights(cfg, scores_TE.gather(-1, topk_ids_TK), topk_ids_TK, active_TK)
+        return RouterOutput(topk_ids_TK, weights_TK, logits_TE, probs_TE, active_TK)
 
     def jitter_draws(self, noise: TokenNoise, width: int) -> Tensor:
         """The jitter's [T, width] uniforms. Eager under ``train.compile``: the key's hash
@@ -114,7 +141,7 @@ class TopKRouter(Router):
         (aux-loss-free balancing). The layer calls it in training; calling the router alone
         records nothing."""
         if self.cfg.bias_update_rate is not None:
-            self.step_load_E += expert_counts(topk_ids_TK, self.cfg.num_experts, keep_TK)
+            self.step_load_E += expert_counts(topk_ids_TK, self.cfg.num_routes, keep_TK)
 
     def _apply(self, fn, recurse=True):
         # .to(bf16) must not round the balancing state: 256 + 1 == 256 and 0.5 + 1e-3 == 0.5 in bf16

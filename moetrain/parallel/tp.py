@@ -80,8 +80,8 @@ ParamRef = tuple[nn.Module, str]  # (module, attribute): FSDP replaces Parameter
 
 def tp_partial_params(block: TransformerBlock) -> list[ParamRef]:
     """The parameters of a TP block whose gradients are partial over TP ranks (summed after
-    backward): the MoE router and shared experts, and per-head QK norms. (The sequence-parallel
-    norms are DTensors: their gradients come out ``Partial`` and FSDP or
+    backward): the MoE router, shared and zero-computation experts, and per-head QK norms.
+    (The sequence-parallel norms are DTensors: their gradients come out ``Partial`` and FSDP or
     :func:`moetrain.parallel.grads.finish_partial_grads` reduces them.)"""
     modules: list[nn.Module] = []
     ffn = block.feed_forward
@@ -89,6 +89,8 @@ def tp_partial_params(block: TransformerBlock) -> list[ParamRef]:
         modules.append(ffn.router)
         if ffn.shared_experts is not None:
             modules.append(ffn.shared_experts)
+        if ffn.zero_compute is not None:  # copy/constant experts run on this rank's chunk
+            modules.append(ffn.zero_compute)
     attn = block.attention
     if isinstance(attn, Attention) and attn.qk_norm == "head":
         modules += [attn.q_norm, attn.k_norm]

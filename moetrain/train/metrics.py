@@ -4,7 +4,9 @@ Every logged step is one JSON object in ``<run.dir>/metrics.jsonl`` with at leas
 ``loss`` (language-model cross-entropy only), ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu``,
 ``aux_loss``, ``z_loss``, ``dropped_frac``, ``expert_load`` (per MoE layer, each expert's
 share of the step's assignments), ``dead_experts`` (per MoE layer, experts that got no
-assignment in the step), ``router_entropy`` (nats, mean over tokens, layers and micro-batches)
+assignment in the step), ``router_entropy`` (nats, mean over tokens, layers and micro-batches),
+``experts_per_token``, ``ffn_experts_per_token`` and ``unrouted_frac`` (routes of varying width;
+``route_share`` with null or zero-computation experts: :meth:`StepStats._route_fields`)
 and, with capacity dropping, ``dropped_frac_by_position`` (8 equal spans of the sequence).
 An expert placement may add its own fields (FSSDP: ``fssdp_replicas``, ``fssdp_max_over_mean``,
 ``fssdp_materialized``; see ``moetrain.parallel.fssdp_placement``).
@@ -26,6 +28,7 @@ import torch
 
 from moetrain.moe import MoELayer
 from moetrain.moe.layer import MoEStats
+from moetrain.moe.routes import KINDS
 
 
 @dataclass
@@ -43,6 +46,10 @@ class StepStats:
     entropy_terms: int = 0
     drops_by_position: torch.Tensor | None = None  # summed over layers and micro-batches
     assignments_per_position: int = 0
+    # routes of varying width (moetrain.moe.routes): active slots per kind, per layer
+    routes: list[torch.Tensor] = field(default_factory=list)
+    routed_tokens: int = 0  # tokens routed, summed over layers and calls
+    unrouted: int = 0  # of them, tokens no FFN expert computed
 
     def add_micro_batch(self, loss: torch.Tensor, moe_layers: list[MoELayer]) -> None:
         """One micro-batch's loss and each layer's ``last_stats`` (layer ``i`` of the list)."""
@@ -60,18 +67,25 @@ class StepStats:
         self.aux_loss += s.aux_loss.item()
         self.z_loss += s.z_loss.item()
         self.dropped += int(s.num_dropped)
-        self.assignments += s.num_assignments
+        self.assignments += int(s.num_assignments)
         self.entropy += s.router_entropy.item()
         self.entropy_terms += 1
         if s.drops_by_position_S is not None:
             drops = s.drops_by_position_S.detach().cpu()
             prev = self.drops_by_position
             self.drops_by_position = drops if prev is None else prev + drops
-            self.assignments_per_position += s.num_assignments // drops.numel()
+            self.assignments_per_position += int(s.num_assignments) // drops.numel()
         counts = s.tokens_per_expert_E.detach().float().cpu()
         while len(self.load) <= index:
             self.load.append(torch.zeros_like(counts))
         self.load[index] = self.load[index] + counts
+        self.routed_tokens += s.num_tokens
+        self.unrouted += 0 if s.unrouted_tokens is None else int(s.unrouted_tokens)
+        if s.route_counts is not None:
+            kinds = s.route_counts.detach().float().cpu()
+            while len(self.routes) <= index:
+                self.routes.append(torch.zeros_like(kinds))
+            self.routes[index] = self.routes[index] + kinds
 
     _SCALARS = (
         "loss_sum",
@@ -83,6 +97,8 @@ class StepStats:
         "entropy",
         "entropy_terms",
         "assignments_per_position",
+        "routed_tokens",
+        "unrouted",
     )
 
     def to_vector(self, num_layers: int, num_experts: int, seq_len: int) -> torch.Tensor:
@@ -97,7 +113,10 @@ class StepStats:
             drops[: self.drops_by_position.numel()] = self.drops_by_position.double()
         has_drops = float(self.drops_by_position is not None)
         head_vec = torch.tensor([*head, has_drops], dtype=torch.float64)
-        return torch.cat([head_vec, load.flatten(), drops])
+        routes = torch.zeros(num_layers, len(KINDS), dtype=torch.float64)
+        for i, kinds in enumerate(self.routes):
+            routes[i] = kinds.double()
+        return torch.cat([head_vec, load.flatten(), drops, routes.flatten()])
 
     @classmethod
     def from_vector(
@@ -112,6 +131,8 @@ class StepStats:
         out.load = list(vec[n + 1 : load_end].view(num_layers, num_experts).float())
         if vec[n] > 0:
             out.drops_by_position = vec[load_end : load_end + seq_len].long()
+        routes = vec[load_end + seq_len :].view(num_layers, len(KINDS)).float()
+        out.routes = list(routes) if bool(routes.sum() > 0) else []
         return out
 
     def as_dict(self) -> dict:
@@ -129,7 +150,28 @@ class StepStats:
             "dead_experts": [int((c == 0).sum()) for c in self.load],
             "router_entropy": self.entropy / self.entropy_terms if self.entropy_terms else 0.0,
             **self._drops_by_position(),
+            **self._route_fields(),
         }
+
+    def _route_fields(self) -> dict:
+        """Per MoE layer: slots per token (``experts_per_token``: the width top-p and
+        expert-choice vary), FFN experts per token (``ffn_experts_per_token``, before dropping),
+        and with non-FFN experts each kind's share of the slots (``route_share``: ffn, null,
+        zero, copy, constant); ``unrouted_frac``: tokens no FFN expert computed."""
+        if not self.routes or not self.routed_tokens:
+            return {}
+        per_layer = self.routed_tokens / len(self.routes)  # every layer routes every token
+        fields: dict = {
+            "experts_per_token": [float(r.sum()) / per_layer for r in self.routes],
+            "ffn_experts_per_token": [float(r[0]) / per_layer for r in self.routes],
+            "unrouted_frac": self.unrouted / self.routed_tokens,
+        }
+        if any(float(r[1:].sum()) > 0 for r in self.routes):
+            fields["route_share"] = {
+                kind: [float(r[k]) / max(float(r.sum()), 1.0) for r in self.routes]
+                for k, kind in enumerate(KINDS)
+            }
+        return fields
 
     def _drops_by_position(self, buckets: int = 8) -> dict:
         """Dropped fraction of assignments in ``buckets`` equal spans of sequence positions

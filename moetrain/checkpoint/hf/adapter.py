@@ -19,6 +19,7 @@ from moetrain.checkpoint.errors import CheckpointError
 from moetrain.checkpoint.safetensors_io import tensor_dtype_name
 from moetrain.models.config import ModelConfig
 from moetrain.moe.config import MoEConfig
+from moetrain.moe.routes import research_options
 
 
 class ExportError(ValueError):
@@ -233,6 +234,7 @@ class HFAdapter:
         bad += self.placement_fits(cfg)
         bad += self._expert_fits(cfg)
         bad += self.routing_fits(cfg)
+        bad += research_options(cfg.moe)  # null/zero-computation experts, top-p, ...
         bad += self.shared_fits(cfg)
         return bad
 
