@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from omegaconf import OmegaConf
 
 from moetrain.config.schema import Config
@@ -140,3 +141,40 @@ def train_steps_rank(
     del rank, world
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     return train_steps(data_dir, overrides, steps, run_dir=run_dir, checkpoint_at=checkpoint_at)
+
+
+def merged_weights(results: list[dict]) -> dict[str, torch.Tensor]:
+    """Union of the ranks' full parameters (pipeline stages hold different ones); ranks that
+    hold the same parameter must agree exactly."""
+    out: dict[str, torch.Tensor] = {}
+    for r in results:
+        for name, w in r["weights"].items():
+            if name in out:
+                torch.testing.assert_close(w, out[name], rtol=0, atol=0, msg=name)
+            out[name] = w
+    return out
+
+
+def _prefixed(prefix: str) -> Callable[[str], str]:
+    return lambda message: f"{prefix}: {message}"
+
+
+def assert_matches(results: list[dict], ref: dict, weights: bool = True) -> None:
+    """The correctness contract: every rank's per-step loss, grad norm, aux and z-loss and the
+    validation loss within rtol 1e-5 of the single-process ``ref``; the merged final weights
+    within atol 1e-5."""
+    for rank, res in enumerate(results):
+        for key in ("loss", "grad_norm", "aux_loss", "z_loss"):
+            torch.testing.assert_close(
+                torch.tensor(res[key], dtype=torch.float64),
+                torch.tensor(ref[key], dtype=torch.float64),
+                rtol=1e-5,
+                atol=0,
+                msg=_prefixed(f"rank {rank} {key}"),
+            )
+        torch.testing.assert_close(res["val_loss"], ref["val_loss"], rtol=1e-5, atol=0)
+    if weights:
+        got = merged_weights(results)
+        assert set(got) == set(ref["weights"])
+        for name, w in ref["weights"].items():
+            torch.testing.assert_close(got[name], w, rtol=0, atol=1e-5, msg=name)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moetrain.testing import run_distributed
-from moetrain.testing.layouts import train_steps, train_steps_rank, write_token_dir
+from moetrain.testing.layouts import assert_matches, train_steps, train_steps_rank, write_token_dir
 
 LAYOUTS = {
     "ep2": (2, ["parallel.ep=2"]),
@@ -76,36 +76,6 @@ def reference(data_dir: str, overrides: list[str]) -> dict:
     if key not in _reference_cache:
         _reference_cache[key] = train_steps(data_dir, list(overrides))
     return _reference_cache[key]
-
-
-def merged_weights(results: list[dict]) -> dict[str, torch.Tensor]:
-    """Union of the ranks' full parameters (pipeline stages hold different ones); ranks that
-    hold the same parameter must agree exactly."""
-    out: dict[str, torch.Tensor] = {}
-    for r in results:
-        for name, w in r["weights"].items():
-            if name in out:
-                torch.testing.assert_close(w, out[name], rtol=0, atol=0, msg=name)
-            out[name] = w
-    return out
-
-
-def assert_matches(results: list[dict], ref: dict, weights: bool = True) -> None:
-    for rank, res in enumerate(results):
-        for key in ("loss", "grad_norm", "aux_loss", "z_loss"):
-            torch.testing.assert_close(
-                torch.tensor(res[key], dtype=torch.float64),
-                torch.tensor(ref[key], dtype=torch.float64),
-                rtol=1e-5,
-                atol=0,
-                msg=lambda m, key=key, rank=rank: f"rank {rank} {key}: {m}",
-            )
-        torch.testing.assert_close(res["val_loss"], ref["val_loss"], rtol=1e-5, atol=0)
-    if weights:
-        got = merged_weights(results)
-        assert set(got) == set(ref["weights"])
-        for name, w in ref["weights"].items():
-            torch.testing.assert_close(got[name], w, rtol=0, atol=1e-5, msg=name)
 
 
 @pytest.mark.timeout(240)

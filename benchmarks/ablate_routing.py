@@ -1,0 +1,157 @@
+"""Routing ablation machinery (tools/ablate_routing.py): train ``tiny`` once per routing option
+on the same tokens, then tabulate validation loss, experts per token, drops and throughput.
+
+Every run uses the same seed, data order, steps, batch and sequence length; only
+``model.moe.*`` keys differ. Active compute: the baseline computes 2 FFN experts per token.
+Where an option changes that, the option is set so the *expected* FFN count under balanced
+routing is 2 (null experts: top-3 over 8 FFN + 4 null, 3 x 8/12 = 2; expert-choice: capacity
+factor 1.0 gives every expert 2T/8 tokens, exactly 2 per token on average), or the measured
+count is reported beside the loss (top-p and zero-computation experts spend what their router
+learns to spend: that is the option).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+OPTIONS: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("top-2 of 8, dropless (the tiny default)", []),
+    "capacity": (
+        "top-2 of 8, capacity factor 1.0 (tokens dropped)",
+        ["model.moe.capacity_factor=1.0"],
+    ),
+    "null_experts": (
+        "AdaMoE: top-3 of 8 FFN + 4 null experts",
+        ["model.moe.num_null_experts=4", "model.moe.top_k=3"],
+    ),
+    "zero_compute": (
+        "MoE++: top-2 of 8 FFN + zero, copy, 2 constant; gating residual; tau 0.75",
+        [
+            "model.moe.num_zero_experts=1",
+            "model.moe.num_copy_experts=1",
+            "model.moe.num_constant_experts=2",
+            "model.moe.gating_residual=true",
+            "model.moe.zero_compute_aux_weight=0.75",
+        ],
+    ),
+    "top_p": (
+        "top-p 0.4, 1..4 experts, entropy loss 1e-4",
+        ["model.moe.top_p=0.4", "model.moe.max_k=4", "model.moe.entropy_loss_coeff=1e-4"],
+    ),
+    "expert_choice": (
+        "expert-choice per sequence, capacity factor 1.0 (non-causal)",
+        ["model.moe.expert_choice=sequence", "model.moe.capacity_factor=1.0"],
+    ),
+}
+
+
+@dataclass
+class Row:
+    option: str
+    description: str
+    val_loss: float
+    experts_per_token: float  # slots with a route, mean over MoE layers and logged steps
+    ffn_experts_per_token: float  # FFN experts before dropping
+    dropped_frac: float  # FFN assignments dropped by capacity
+    unrouted_frac: float  # tokens no FFN expert computed
+    tokens_per_s: float
+    seconds: float
+
+
+def _mean_layers(rows: list[dict], key: str, default: float) -> float:
+    values = [statistics.fmean(r[key]) for r in rows if key in r]
+    return statistics.fmean(values) if values else default
+
+
+def train_one(name: str, overrides: list[str], common: list[str], out_dir: Path) -> Row:
+    """One training run of option ``name``; its row from metrics.jsonl."""
+    from moetrain.moe.routes import NonCausalRoutingWarning
+    from moetrain.train.cli import compose_config, setup
+
+    description, keys = OPTIONS[name] if name in OPTIONS else (name, [])
+    run_dir = out_dir / name
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonCausalRoutingWarning)  # the table says so
+        _, _, trainer = setup(compose_config([*common, *keys, *overrides, f"run.dir={run_dir}"]))
+        result = trainer.run()
+    seconds = time.perf_counter() - start
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "tokens_per_s" in r and "loss" in r]
+    steady = train_rows[1:] or train_rows  # the first interval holds start-up
+    K = _mean_layers(train_rows, "experts_per_token", 2.0)
+    return Row(
+        option=name,
+        description=description,
+        val_loss=result.val_losses[-1][1],
+        experts_per_token=K,
+        ffn_experts_per_token=_mean_layers(train_rows, "ffn_experts_per_token", K),
+        dropped_frac=statistics.fmean(r["dropped_frac"] for r in train_rows),
+        unrouted_frac=statistics.fmean(r.get("unrouted_frac", 0.0) for r in train_rows),
+        tokens_per_s=statistics.fmean(r["tokens_per_s"] for r in steady),
+        seconds=seconds,
+    )
+
+
+def common_overrides(steps: int, batch: int, seq_len: int, seed: int) -> list[str]:
+    return [
+        f"train.steps={steps}",
+        f"train.global_batch_size={batch}",
+        f"train.micro_batch_size={min(batch, 4)}",
+        f"train.seq_len={seq_len}",
+        f"train.seed={seed}",
+        "train.eval_interval=0",  # the final evaluation only
+        "train.eval_batches=16",
+        "train.log_interval=10",
+        "checkpoint.interval=0",
+        "checkpoint.final=false",
+        "logging.wandb.mode=disabled",
+    ]
+
+
+def run(
+    names: list[str],
+    steps: int,
+    batch: int,
+    seq_len: int,
+    seed: int,
+    out_dir: Path,
+    extra: list[str],
+) -> dict[str, Any]:
+    common = common_overrides(steps, batch, seq_len, seed)
+    rows = [train_one(n, extra, common, out_dir) for n in names]
+    return {
+        "steps": steps,
+        "tokens_per_step": batch * seq_len,
+        "seed": seed,
+        "overrides": extra,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    head = (
+        f"{result['steps']} steps x {result['tokens_per_step']} tokens, seed {result['seed']}"
+        + (f", overrides {' '.join(result['overrides'])}" if result["overrides"] else "")
+    )
+    lines = [
+        head,
+        "",
+        "| option | setting | val loss | experts/token | FFN experts/token | dropped | "
+        "tokens with no FFN expert | tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['option']} | {r['description']} | {r['val_loss']:.4f} | "
+            f"{r['experts_per_token']:.2f} | {r['ffn_experts_per_token']:.2f} | "
+            f"{100 * r['dropped_frac']:.1f}% | {100 * r['unrouted_frac']:.1f}% | "
+            f"{r['tokens_per_s']:,.0f} |"
+        )
+    return "\n".join(lines)
