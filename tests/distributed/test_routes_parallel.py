@@ -1,10 +1,11 @@
-"""Routing research I under expert and tensor parallelism.
+"""Routing research I under expert, tensor, pipeline and FSSDP parallelism.
 
 The layout contract for each option (null experts, zero-computation experts with gating
 residuals, top-p, expert-choice): three SGD steps of ``tiny`` at ep2, ep4, tp2 x ep2, FSSDP over
-2 ranks and pp2 (not with gating residuals, which pp > 1 refuses) equal the single process on the same micro-batches (losses, grad norms, aux/z-losses, validation loss,
-final weights). And null / zero-computation experts cost no all-to-all traffic: the rows a rank
-sends are exactly its FFN slots bound for other ranks.
+2 ranks and pp2 (not with gating residuals, which pp > 1 refuses) equal the single process on
+the same micro-batches (losses, grad norms, aux/z-losses, validation loss, final weights).
+And null / zero-computation experts cost no all-to-all traffic: the rows a rank sends are
+exactly its FFN slots bound for other ranks.
 """
 
 from __future__ import annotations
