@@ -74,7 +74,7 @@ def train_one(name: str, overrides: list[str], common: list[str], out_dir: Path)
     from moetrain.moe.routes import NonCausalRoutingWarning
     from moetrain.train.cli import compose_config, setup
 
-    description, keys = OPTIONS[name] if name in OPTIONS else (name, [])
+    description, keys = OPTIONS[name]
     run_dir = out_dir / name
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -123,9 +123,17 @@ def run(
     seed: int,
     out_dir: Path,
     extra: list[str],
+    spread: bool = True,
 ) -> dict[str, Any]:
+    """Train every option of ``names``; with ``spread``, the baseline once more with the next
+    seed (its row, ``baseline_seed+1``, shows how much validation loss moves by seed alone)."""
     common = common_overrides(steps, batch, seq_len, seed)
     rows = [train_one(n, extra, common, out_dir) for n in names]
+    if spread:
+        other = common_overrides(steps, batch, seq_len, seed + 1)
+        row = train_one("baseline", extra, other, out_dir / "seed+1")
+        row.option, row.description = "baseline_seed+1", f"the baseline with seed {seed + 1}"
+        rows.append(row)
     return {
         "steps": steps,
         "tokens_per_step": batch * seq_len,

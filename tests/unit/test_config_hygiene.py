@@ -104,6 +104,13 @@ def test_pp_schedule_choice_is_checked_at_pp_1():
         validate(config("parallel.pp_schedule=bogus"))
 
 
+def test_gating_residual_is_refused_across_pipeline_stages(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"model\.moe\.gating_residual: .*parallel\.pp=1"):
+        validate(config("parallel.pp=2", "model.moe.gating_residual=true"))
+    validate(config("parallel.pp=2", "model.moe.num_copy_experts=1"))  # the others are fine
+
+
 def test_data_path_without_tokens_source_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.path: .*data\.source is stdlib.*data=tokens"):
         validate(config(f"data.path={tmp_path}"))
@@ -147,6 +154,22 @@ INEFFECTIVE = [
         ["model.moe.aux_loss_coeff=0.1", "model.moe.aux_loss_coeff_per_layer=[0.1,0.1,0.1]"],
         "model.moe.aux_loss_coeff=0.1",
         "aux_loss_coeff_per_layer set",
+    ),
+    (["model.moe.max_k=3"], "model.moe.max_k=3", "top_p=null"),
+    (["model.moe.min_k=2"], "model.moe.min_k=2", "top_p=null"),
+    (
+        ["model.moe.zero_compute_aux_weight=0.5"],
+        "model.moe.zero_compute_aux_weight=0.5",
+        "without zero-computation experts",
+    ),
+    (
+        [
+            "model.moe.expert_choice=sequence",
+            "model.moe.capacity_factor=1.0",
+            "model.moe.aux_loss_scope=sequence",
+        ],
+        "model.moe.aux_loss_scope=sequence",
+        "model.moe.expert_choice",
     ),
     (["model=tiny_dense", "model.moe.top_k=4"], "model.moe.top_k=4", "without MoE layers"),
     (["model=tiny_dense", "model.moe_layer_freq=2"], "model.moe_layer_freq=2", "without MoE"),
@@ -192,6 +215,8 @@ def test_ineffective_setting_gives_one_message(overrides, named, why):
         ["checkpoint.interval=5", "checkpoint.keep_last=5"],
         ["checkpoint.keep_last=5"],  # the final checkpoints of a resumed run count
         ["train.nonfinite=skip", "train.max_skipped_steps=3"],
+        ["model.moe.top_p=0.5", "model.moe.max_k=3", "model.moe.min_k=2"],
+        ["model.moe.num_copy_experts=1", "model.moe.zero_compute_aux_weight=0.5"],
     ],
 )
 def test_effective_or_default_settings_give_none(overrides):

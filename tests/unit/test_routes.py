@@ -342,3 +342,35 @@ def test_null_and_zero_computation_experts_keep_the_default_router_bitwise():
     w = w / (w.sum(-1, keepdim=True) + 1e-20)
     assert torch.equal(routed.topk_ids_TK, top) and torch.equal(routed.topk_weights_TK, w)
     assert routed.active_TK is None
+
+
+# --- what the trainer logs ---------------------------------------------------------------------
+
+
+def test_step_rows_report_width_ffn_experts_and_route_shares():
+    from moetrain.train.metrics import StepStats
+
+    x = torch.randn(2, 12, D)
+    layers = [build(dict(num_null_experts=2, num_copy_experts=1, top_k=3), seed=s) for s in (0, 1)]
+    want = []
+    stats = StepStats()
+    for i, layer in enumerate(layers):
+        layer(x)
+        s = layer.last_stats
+        stats.add_layer_stats(i, s)
+        want.append(s.route_counts / s.num_tokens)
+    # summed over ranks as the trainer does (two identical ranks: the shares are unchanged)
+    vec = stats.to_vector(2, 4, 12)
+    row = StepStats.from_vector(vec + vec, 2, 4, 12).moe_fields(1)
+    for i in range(2):
+        assert row["experts_per_token"][i] == pytest.approx(float(want[i].sum()))  # 3 slots
+        assert row["ffn_experts_per_token"][i] == pytest.approx(float(want[i][0]))
+        shares = [row["route_share"][k][i] for k in ("ffn", "null", "zero", "copy", "constant")]
+        assert shares == pytest.approx((want[i] / want[i].sum()).tolist())
+    assert row["experts_per_token"][0] == pytest.approx(3.0)
+    assert "unrouted_frac" in row
+    plain, layer = StepStats(), build({})
+    layer(x)
+    plain.add_layer_stats(0, layer.last_stats)
+    fields = plain.moe_fields(1)  # only FFN experts: no shares, width 2
+    assert "route_share" not in fields and fields["experts_per_token"] == [2.0]
