@@ -64,9 +64,9 @@ class Row:
     seconds: float
 
 
-def _mean_layers(rows: list[dict], key: str, default: float) -> float:
-    values = [statistics.fmean(r[key]) for r in rows if key in r]
-    return statistics.fmean(values) if values else default
+def _mean_layers(rows: list[dict], key: str) -> float:
+    """``key`` (a per-MoE-layer list in every training row) averaged over layers and rows."""
+    return statistics.fmean(statistics.fmean(r[key]) for r in rows)
 
 
 def train_one(name: str, overrides: list[str], common: list[str], out_dir: Path) -> Row:
@@ -85,15 +85,14 @@ def train_one(name: str, overrides: list[str], common: list[str], out_dir: Path)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "tokens_per_s" in r and "loss" in r]
     steady = train_rows[1:] or train_rows  # the first interval holds start-up
-    K = _mean_layers(train_rows, "experts_per_token", 2.0)
     return Row(
         option=name,
         description=description,
         val_loss=result.val_losses[-1][1],
-        experts_per_token=K,
-        ffn_experts_per_token=_mean_layers(train_rows, "ffn_experts_per_token", K),
+        experts_per_token=_mean_layers(train_rows, "experts_per_token"),
+        ffn_experts_per_token=_mean_layers(train_rows, "ffn_experts_per_token"),
         dropped_frac=statistics.fmean(r["dropped_frac"] for r in train_rows),
-        unrouted_frac=statistics.fmean(r.get("unrouted_frac", 0.0) for r in train_rows),
+        unrouted_frac=statistics.fmean(r["unrouted_frac"] for r in train_rows),
         tokens_per_s=statistics.fmean(r["tokens_per_s"] for r in steady),
         seconds=seconds,
     )

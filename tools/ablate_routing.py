@@ -31,7 +31,9 @@ from benchmarks.ablate_routing import OPTIONS, format_table, run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated")
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps per run")
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")

@@ -23,7 +23,7 @@ from moetrain.models.init import InitSpec, init_module, record_init_specs
 from moetrain.models.norms import RMSNorm, set_norm_impl
 from moetrain.models.rope import RotaryEmbedding
 from moetrain.moe.layer import MoELayer
-from moetrain.moe.routes import LogitChain
+from moetrain.moe.routes import LogitChain, nominal_ffn_experts
 
 
 class Transformer(nn.Module):
@@ -137,15 +137,17 @@ class Transformer(nn.Module):
     def num_active_params(self) -> int:
         """Parameters one token uses: everything except the routed experts not selected.
 
-        Each MoE layer's routed experts count ``top_k / num_experts`` of their parameters; the
-        router and shared experts count fully. The embedding table and the output projection are
-        included (as in the published "active parameter" counts of Mixtral and DeepSeek-V3).
+        Each MoE layer's routed experts count ``k / num_experts`` of their parameters, k the
+        nominal FFN experts per token (``top_k``; :func:`moetrain.moe.routes.nominal_ffn_experts`
+        with the routing-research options); the router and shared experts count fully. The
+        embedding table and the output projection are included (as in the published "active
+        parameter" counts of Mixtral and DeepSeek-V3).
         """
         inactive = 0
         for layer in self.moe_layers():
             routed = sum(p.numel() for p in layer.experts.parameters())
-            E, K = layer.cfg.num_experts, layer.cfg.top_k
-            inactive += routed - routed // E * K
+            E, K = layer.cfg.num_experts, nominal_ffn_experts(layer.cfg)
+            inactive += routed - (routed // E * K if isinstance(K, int) else round(routed / E * K))
         return self.num_params() - inactive
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -252,7 +252,7 @@ class MoELayer(nn.Module):
         lb_loss, zl = self._aux_losses(routed, seq_len, call, recompute)
         out_shape = x.shape
         x_local_TD, local_idx = x_TD, None
-        if sp is not None:
+        if sp is not None and (sp.split_tokens or self.zero_compute is not None):
             local_idx = sp.local_tokens(x.shape[0], x.shape[1], x.device)
         if sp is not None and sp.split_tokens and local_idx is not None:
             # experts not tensor-parallel: this rank dispatches its sequence chunk only

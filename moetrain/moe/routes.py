@@ -328,3 +328,15 @@ def research_options(cfg: MoEConfig) -> list[str]:
     or Megatron-LM architecture expresses them: exports refuse such models)."""
     names = _options_in_use(cfg) + (["entropy_loss_coeff"] if cfg.entropy_loss_coeff else [])
     return [f"model.moe.{n}={getattr(cfg, n)} (routing research)" for n in names]
+
+
+def nominal_ffn_experts(cfg: MoEConfig) -> int | float:
+    """FFN experts per token that active-parameter counts and MFU assume: ``top_k``; with null
+    or zero-computation experts the balanced share ``top_k * E / Et``; with expert-choice
+    ``top_k * capacity_factor``. (Top-p spends what its router learns: ``top_k`` here, the
+    measured count is the logged ``ffn_experts_per_token``.)"""
+    if cfg.expert_choice is not None and cfg.capacity_factor is not None:
+        return cfg.top_k * cfg.capacity_factor
+    if cfg.num_extra_experts:
+        return cfg.top_k * cfg.num_experts / cfg.num_routes
+    return cfg.top_k

@@ -4,7 +4,7 @@ The layout contract for each option (null experts, zero-computation experts with
 residuals, top-p, expert-choice): three SGD steps of ``tiny`` at ep2, ep4, tp2 x ep2, FSSDP over
 2 ranks and pp2 (not with gating residuals, which pp > 1 refuses) equal the single process on
 the same micro-batches (losses, grad norms, aux/z-losses, validation loss, final weights).
-And null / zero-computation experts cost no all-to-all traffic: the rows a rank sends are
+And null / zero-computation experts cost no all-to-all traffic: the bytes a rank sends are
 exactly its FFN slots bound for other ranks.
 """
 
@@ -86,8 +86,9 @@ def test_option_at_layout_equals_single_process(option, layout, data_dir):
 # --- null and zero-computation experts send nothing ------------------------------------------
 
 
-def _count_rows(sent: list[int]):
-    """Wrap ``all_to_all_single``: record the rows each call sends to other ranks."""
+def _count_bytes(sent: list[int]):
+    """Wrap ``all_to_all_single``: record the bytes of token rows each call sends to other
+    ranks."""
     import torch.distributed as dist
 
     original = dist.all_to_all_single
@@ -95,7 +96,8 @@ def _count_rows(sent: list[int]):
     def counting(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
         if input.dim() == 2 and input_split_sizes is not None:  # token rows, not counts
             me = dist.get_rank(kw.get("group"))
-            sent.append(sum(n for r, n in enumerate(input_split_sizes) if r != me))
+            rows = sum(n for r, n in enumerate(input_split_sizes) if r != me)
+            sent.append(rows * input.shape[1] * input.element_size())
         return original(output, input, output_split_sizes, input_split_sizes, **kw)
 
     dist.all_to_all_single = counting
@@ -135,7 +137,7 @@ def _bytes_rank(rank: int, world: int) -> dict:
         x[16 - ffn_tokens :] *= -1
         x.requires_grad_(True)
         sent: list[int] = []
-        original = _count_rows(sent)
+        original = _count_bytes(sent)
         try:
             layer(x).sum().backward()  # backward exchanges the gradients of the rows
         finally:
@@ -146,9 +148,10 @@ def _bytes_rank(rank: int, world: int) -> dict:
 
 @pytest.mark.timeout(120)
 def test_null_and_zero_computation_slots_send_no_rows():
-    """Rows each rank sends to the other, per exchange (dispatch, combine, their backward):
+    """Bytes each rank sends to the other, per exchange (dispatch, combine, their backward):
     tokens routed to null, zero and copy experts send none; with 8 of 16 tokens on FFN experts
-    3, 2, 1 each rank sends exactly the rows of FFN slots owned by the other rank."""
+    3, 2, 1 each rank sends exactly the rows of FFN slots owned by the other rank (8 fp32 values
+    a row: 32 bytes)."""
     results = run_distributed(_bytes_rank, 2, timeout=100)
     for rank, res in enumerate(results):
         only = res["non_ffn_only"]
@@ -158,5 +161,5 @@ def test_null_and_zero_computation_slots_send_no_rows():
         assert half["route_counts"] == [24, 8, 8, 8, 0]
         # rank 0's FFN tokens: 16 rows to experts 3, 2 (rank 1), 8 stay (expert 1);
         # rank 1's: 8 rows to expert 1 (rank 0), 16 stay. Combine returns them; backward repeats.
-        want = [16, 8, 16, 8] if rank == 0 else [8, 16, 8, 16]
-        assert half["sent"] == want, half
+        rows = [16, 8, 16, 8] if rank == 0 else [8, 16, 8, 16]
+        assert half["sent"] == [32 * n for n in rows], half

@@ -49,6 +49,17 @@ CASES = {
         dict(num_shared_experts=1, shared_gate=True),
         {"grouped_mm": [], "loop": [LOOP_SPLITS]},
     ),
+    # routing research: non-FFN and inactive slots are masked out like dropped ones, so the
+    # kept-row count is read once (the loop reuses it); expert-choice has fixed shapes
+    "null_and_zero_compute_experts": (
+        dict(num_null_experts=2, num_copy_experts=1, num_constant_experts=1, gating_residual=True),
+        {"grouped_mm": [KEPT_ROWS], "loop": [KEPT_ROWS]},
+    ),
+    "top_p": (dict(top_p=0.5, max_k=3), {"grouped_mm": [KEPT_ROWS], "loop": [KEPT_ROWS]}),
+    "expert_choice": (
+        dict(expert_choice="sequence", capacity_factor=1.0),
+        {"grouped_mm": [], "loop": []},
+    ),
 }
 
 

@@ -322,12 +322,22 @@ def test_bad_combinations_are_one_line(kw, named):
 
 
 def test_exports_refuse_research_options():
+    from moetrain.checkpoint.hf.registry import get_arch
+    from moetrain.checkpoint.megatron_config import export_problems
+    from moetrain.models.config import ModelConfig
+
     assert research_options(moe()) == []
     got = research_options(moe(num_null_experts=1, top_p=0.5))
     assert got == [
         "model.moe.num_null_experts=1 (routing research)",
         "model.moe.top_p=0.5 (routing research)",
     ]
+    kw = dict(vocab_size=64, dim=D, num_layers=2, num_heads=2, num_kv_heads=2, first_k_dense=0)
+    plain = ModelConfig(**kw, moe=moe())
+    assert get_arch("mixtral").fits(plain) == [] and export_problems(plain) == []
+    cfg = ModelConfig(**kw, moe=moe(expert_choice="sequence", capacity_factor=1.0))
+    named = "model.moe.expert_choice=sequence (routing research)"
+    assert named in get_arch("mixtral").fits(cfg) and named in export_problems(cfg)
 
 
 def test_null_and_zero_computation_experts_keep_the_default_router_bitwise():
