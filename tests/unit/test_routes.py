@@ -384,3 +384,26 @@ def test_step_rows_report_width_ffn_experts_and_route_shares():
     plain.add_layer_stats(0, layer.last_stats)
     fields = plain.moe_fields(1)  # only FFN experts: no shares, width 2
     assert "route_share" not in fields and fields["experts_per_token"] == [2.0]
+
+
+def test_active_parameters_count_the_nominal_ffn_experts():
+    from moetrain.models.config import ModelConfig
+    from moetrain.models.transformer import Transformer
+
+    kw = dict(vocab_size=64, dim=D, num_layers=2, num_heads=2, num_kv_heads=2, first_k_dense=0)
+
+    def routed_active(**moe_kw) -> int:
+        """Active parameters of the routed experts alone: the model's, minus everything else."""
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonCausalRoutingWarning)
+            m = Transformer(ModelConfig(**kw, moe=moe(**moe_kw)))
+        routed = sum(p.numel() for layer in m.moe_layers() for p in layer.experts.parameters())
+        return m.num_active_params() - (m.num_params() - routed)
+
+    per_expert = 2 * 3 * 24 * D  # one expert in each of 2 MoE layers: w1, w3, w2 of 24 x D
+    assert routed_active() == 2 * per_expert  # top-2
+    # 4 FFN + 4 extra routes: top_k x 4/8 FFN experts per token when balanced
+    assert routed_active(num_null_experts=4, top_k=3) == 1.5 * per_expert
+    assert routed_active(num_copy_experts=4, top_k=2) == per_expert
+    assert routed_active(expert_choice="sequence", capacity_factor=1.5) == 3 * per_expert
+    assert routed_active(top_p=0.5) == 2 * per_expert  # nominal top_k; measured is logged
