@@ -28,9 +28,6 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, moe_idx: int | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
-        # recompute this block's activations in backward (non-reentrant torch checkpoint);
-        # set by moetrain.parallel.parallelize from parallel.activation_checkpointing
-        self.activation_checkpointing = False
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention: Attention | MLAttention
         self.attention = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
@@ -40,6 +37,20 @@ class TransformerBlock(nn.Module):
             self.feed_forward = MoELayer(cfg.moe, layer_idx=moe_idx)
         else:
             self.feed_forward = FeedForward(cfg.dim, cfg.dense_hidden_dim)
+        self.activation_checkpointing = False
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute this block's activations in backward (non-reentrant torch checkpoint); set
+        by moetrain.parallel.parallelize from parallel.activation_checkpointing. An MoE layer
+        is told, so that it keeps what its recomputation needs."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:
+        self._activation_checkpointing = value
+        if isinstance(self.feed_forward, MoELayer):
+            self.feed_forward.recomputed_in_backward = value
 
     @property
     def is_moe(self) -> bool:

@@ -112,7 +112,10 @@ class MoEConfig:
         _choice(self, "aux_loss_scope", AUX_LOSS_SCOPES)
         _choice(self, "bias_load", BIAS_LOADS)
         if self.top_k > self.num_routes:
-            _fail("top_k", f"{self.top_k} exceeds num_experts={self.num_experts}; lower top_k")
+            routes = f"num_experts={self.num_experts}"
+            if self.num_extra_experts:
+                routes = f"the {self.num_routes} routes (FFN, null and zero-computation experts)"
+            _fail("top_k", f"{self.top_k} exceeds {routes}; lower top_k")
         self._validate_groups()
         self._validate_capacity()
         self._validate_router()

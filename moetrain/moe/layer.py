@@ -158,6 +158,8 @@ class MoELayer(nn.Module):
         # MoE++ gating residual: every MoE layer but the first adds the previous one's logits
         self.logit_chain: LogitChain | None = None  # the model sets one shared chain
         self._residual_inputs: list[Tensor | None] = []  # per training call, for recomputation
+        # set with activation checkpointing (TransformerBlock): a recomputation will run again
+        self.recomputed_in_backward = False
         if cfg.gating_residual and layer_idx:
             self.router.enable_gating_residual()  # type: ignore[operator]
         if cfg.expert_choice is not None and not layer_idx:
@@ -218,13 +220,15 @@ class MoELayer(nn.Module):
 
     def _previous_logits(self, call: int, recompute: bool) -> Tensor | None:
         """The previous MoE layer's logits for this call (gating residual): from the chain, or,
-        recomputing under activation checkpointing, the ones the original forward used."""
+        recomputing under activation checkpointing, the ones the original forward used (kept
+        only where a recomputation will ask for them, and released once it has)."""
         if not self.layer_idx or self.logit_chain is None:
             return None
         if recompute:
-            return self._residual_inputs[call]
+            previous, self._residual_inputs[call] = self._residual_inputs[call], None
+            return previous
         previous = self.logit_chain.latest
-        if self.training:
+        if self.training and self.recomputed_in_backward and torch.is_grad_enabled():
             self._residual_inputs.append(previous)
         return previous
 
@@ -261,7 +265,9 @@ class MoELayer(nn.Module):
                 routing.topk_ids_TK[local_idx],
                 routing.topk_weights_TK[local_idx],
                 None if routing.keep_TK is None else routing.keep_TK[local_idx],
-                routing.pad_to_capacity,
+                # expert-choice's rows are exact for the whole micro-batch: on a chunk, padding
+                # to them would compute tp times the rows
+                None if cfg.expert_choice is not None else routing.pad_to_capacity,
             )
             out_shape = torch.Size((x.shape[0], local_idx.numel() // x.shape[0], cfg.dim))
         with phase("moe/dispatcher"):

@@ -40,13 +40,14 @@ def _fail(name: str, why: str) -> NoReturn:
     raise ValueError(f"model.moe.{name}: {why}")
 
 
+_EXTRA = ("num_null_experts", "num_zero_experts", "num_copy_experts", "num_constant_experts")
+
+
 def validate_routes(cfg: MoEConfig) -> None:
     """The routing-research options' own checks (``MoEConfig.validate`` calls it)."""
-    for name in ("num_null_experts", "num_zero_experts", "num_copy_experts"):
+    for name in _EXTRA:
         if getattr(cfg, name) < 0:
             _fail(name, f"must be >= 0, got {getattr(cfg, name)}")
-    if cfg.num_constant_experts < 0:
-        _fail("num_constant_experts", f"must be >= 0, got {cfg.num_constant_experts}")
     if not cfg.zero_compute_aux_weight >= 0:
         _fail("zero_compute_aux_weight", f"must be >= 0, got {cfg.zero_compute_aux_weight}")
     if not cfg.entropy_loss_coeff >= 0:
@@ -54,8 +55,9 @@ def validate_routes(cfg: MoEConfig) -> None:
     used = _options_in_use(cfg)
     if used and cfg.router_type != "learned":
         _fail(used[0], f"needs router_type=learned (router scores); got {cfg.router_type!r}")
-    if cfg.num_extra_experts:
-        _refuse_with(cfg, "num_null_experts/num_*_experts (non-FFN experts)", extra=True)
+    extra = [n for n in _EXTRA if getattr(cfg, n)]
+    if extra:
+        _refuse_with(cfg, f"{extra[0]} (non-FFN experts)")
     _validate_top_p(cfg)
     _validate_expert_choice(cfg)
 
@@ -69,11 +71,12 @@ def _options_in_use(cfg: MoEConfig) -> list[str]:
         "gating_residual",
         "top_p",
         "expert_choice",
+        "entropy_loss_coeff",
     ]
-    return [n for n in names if getattr(cfg, n) not in (0, False, None)]
+    return [n for n in names if getattr(cfg, n) not in (0, 0.0, False, None)]
 
 
-def _refuse_with(cfg: MoEConfig, what: str, extra: bool = False) -> None:
+def _refuse_with(cfg: MoEConfig, what: str) -> None:
     if cfg.num_groups > 1:
         _fail("num_groups", f"group-limited routing does not combine with {what}; set 1")
     if cfg.bias_update_rate is not None:
@@ -112,9 +115,10 @@ def _validate_expert_choice(cfg: MoEConfig) -> None:
             "needs model.moe.capacity_factor: each expert takes "
             "C = ceil(capacity_factor * tokens * top_k / num_experts) tokens of its scope",
         )
+    extra = [n for n in _EXTRA if getattr(cfg, n)]
     for name, bad in (
         ("top_p", cfg.top_p is not None),
-        ("num_null_experts", cfg.num_extra_experts > 0),
+        (extra[0] if extra else "", bool(extra)),
         ("pad_to_capacity", cfg.pad_to_capacity),
     ):
         if bad:
@@ -141,9 +145,12 @@ def route_starts(cfg: MoEConfig) -> list[int]:
 
 
 def route_kind(cfg: MoEConfig, ids_TK: Tensor) -> Tensor:
-    """The index into :data:`KINDS` of each route id."""
-    bounds = torch.tensor(route_starts(cfg)[1:-1], device=ids_TK.device)
-    return torch.bucketize(ids_TK.contiguous(), bounds, right=True)
+    """The index into :data:`KINDS` of each route id (comparisons with Python ints: no tensor
+    built on the host, so no host-to-device copy on a GPU)."""
+    kinds = torch.zeros_like(ids_TK)
+    for start in route_starts(cfg)[1:-1]:
+        kinds = kinds + (ids_TK >= start).long()
+    return kinds
 
 
 def kind_counts(cfg: MoEConfig, ids_TK: Tensor, active_TK: Tensor | None) -> Tensor:
@@ -326,7 +333,8 @@ class LogitChain:
 def research_options(cfg: MoEConfig) -> list[str]:
     """The routing-research options ``cfg`` sets, as ``model.moe.KEY=VALUE`` (no Hugging Face
     or Megatron-LM architecture expresses them: exports refuse such models)."""
-    names = _options_in_use(cfg) + (["entropy_loss_coeff"] if cfg.entropy_loss_coeff else [])
+    # the entropy loss only trains the router: the model it leaves is an ordinary one
+    names = [n for n in _options_in_use(cfg) if n != "entropy_loss_coeff"]
     return [f"model.moe.{n}={getattr(cfg, n)} (routing research)" for n in names]
 
 

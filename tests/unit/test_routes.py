@@ -279,7 +279,13 @@ def test_gating_residual_in_a_model_matches_under_activation_checkpointing():
     for m in (plain, ckpt):
         for layer in m.moe_layers():
             layer.start_step(0)
-        m(tokens).square().mean().backward()
+        loss = m(tokens).square().mean()
+        held = [len(layer._residual_inputs) for layer in m.moe_layers()]
+        # kept for a recomputation only: the layers after the first, with checkpointing
+        assert held == ([0, 1, 1] if m is ckpt else [0, 0, 0])
+        loss.backward()
+        # released once the recomputation has read them
+        assert all(t is None for layer in m.moe_layers() for t in layer._residual_inputs)
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
     assert any(p.grad.abs().sum() > 0 for n, p in plain.named_parameters() if "residual" in n)
@@ -304,6 +310,9 @@ def test_expert_choice_warns_once_per_model():
         (dict(expert_choice="tokens", capacity_factor=1.0), "expert_choice: must be one of"),
         (dict(expert_choice="sequence", capacity_factor=1.0, top_p=0.5), "top_p"),
         (dict(expert_choice="sequence", capacity_factor=1.0, num_null_experts=1), "null"),
+        (dict(expert_choice="sequence", capacity_factor=1.0, num_copy_experts=1), "copy"),
+        (dict(entropy_loss_coeff=0.1, router_type="hash"), "router_type=learned"),
+        (dict(num_copy_experts=1, top_k=9), "the 5 routes"),
         (dict(top_p=1.5), "top_p: must be in (0, 1]"),
         (dict(top_p=0.5, min_k=3, max_k=2), "max_k"),
         (dict(top_p=0.5, max_k=9), "max_k"),
