@@ -75,6 +75,19 @@ class MoEConfig:
     max_k: Optional[int] = None  # top_p: at most this many (null: every expert)
     entropy_loss_coeff: float = 0.0  # top_p's dynamic loss: coeff * mean router entropy
     expert_choice: Optional[str] = None  # experts choose tokens within a sequence | micro_batch
+    # routing research II (docs/moe.md "Routing policies"): policies over training and
+    # topology; all off by default
+    expert_groups: Optional[int] = None  # Rectify-Router: experts per group (contiguous)
+    rectify_intra_group: bool = False  # a capacity-dropped slot moves to its group's best expert
+    rectify_fill_in: bool = False  # under-full experts take their best unrouted tokens
+    dense_to_sparse_steps: Optional[int] = None  # EvoMoE: steps of the dense-to-sparse gate
+    dense_to_sparse_temperature: List[float] = field(default_factory=lambda: [2.0, 0.3])
+    dense_to_sparse_threshold: float = 0.05  # the dense gate's experts: weight >= threshold
+    top_k_schedule_steps: Optional[int] = None  # SMoE-Dropout: k grows to top_k over these steps
+    top_k_start: int = 1  # the top-k schedule's first k
+    freeze_router: bool = False  # SMoE-Dropout's fixed random router: its weights never train
+    adaptive_aux_smoothing: Optional[float] = None  # Skywork-MoE's beta: adaptive coefficients
+    adaptive_aux_sensitivity: float = 0.1  # Skywork-MoE's xi: coefficient per unit drop rate
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,6 +136,9 @@ class MoEConfig:
         from moetrain.moe.routes import validate_routes  # the options' own checks
 
         validate_routes(self)
+        from moetrain.moe.policies import validate_policies
+
+        validate_policies(self)
         if self.num_shared_experts < 0:
             _fail("num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
         if self.shared_hidden_dim is not None and self.shared_hidden_dim <= 0:

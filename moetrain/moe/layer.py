@@ -30,6 +30,8 @@ from moetrain.moe.capacity import capacity_keep_mask, drops_by_position, expert_
 from moetrain.moe.config import MoEConfig
 from moetrain.moe.dispatcher import Dispatcher, Routing, TokenDispatcher
 from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.policies import AdaptiveAuxCoefficient, scheduled_top_k
+from moetrain.moe.rectify import rectify
 from moetrain.moe.router import Router, RouterOutput
 from moetrain.moe.router_registry import build_router
 from moetrain.moe.routes import (
@@ -150,6 +152,10 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.aux_coeff = cfg.aux_coeff_for_layer(layer_idx)
+        # Skywork-MoE's adaptive coefficient starts from the static one (moetrain.moe.policies)
+        self.adaptive_aux: AdaptiveAuxCoefficient | None = None
+        if cfg.adaptive_aux_smoothing is not None:
+            self.adaptive_aux = AdaptiveAuxCoefficient(cfg, self.aux_coeff)
         self.router: Router = build_router(cfg)
         self.experts = GroupedExperts(cfg)
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
@@ -180,6 +186,8 @@ class MoELayer(nn.Module):
             self.shared_experts.reset_parameters(std=std, out_std=out_std)
         if self.zero_compute is not None:
             self.zero_compute.reset_parameters(std=std)
+        if self.adaptive_aux is not None:
+            self.adaptive_aux.reset_parameters()
 
     def start_step(self, step: int) -> None:
         """Begin optimizer step ``step`` (0-based), or an evaluation after ``step`` steps: the
@@ -213,6 +221,8 @@ class MoELayer(nn.Module):
                 kwargs["noise"] = self.routing_step.noise(
                     call, self.training, self.layer_idx or 0, x
                 )
+            if self.router.uses_step:  # the routing schedules
+                kwargs["step"] = self.routing_step.step
             routed = self.router(x_TD, token_ids, **kwargs)
         if self.logit_chain is not None and not recompute:
             self.logit_chain.latest = routed.logits_TE
@@ -253,6 +263,8 @@ class MoELayer(nn.Module):
                 self.router.record_load(ids, ~plan.dropped_TK)
             else:
                 self.router.record_load(ids)
+            if self.adaptive_aux is not None:  # the step's load, before dropping
+                self.adaptive_aux.record(self._ffn_counts(ids, plan.ffn_TK))
         lb_loss, zl = self._aux_losses(routed, seq_len, call, recompute)
         out_shape = x.shape
         x_local_TD, local_idx = x_TD, None
@@ -315,13 +327,11 @@ class MoELayer(nn.Module):
         else:
             num_dropped = dropped_TK.sum()
             by_pos = drops_by_position(~dropped_TK, seq_len) if seq_len is not None else None
+        counts_E = self._ffn_counts(ids, ffn_TK)
         if ffn_TK is None:
-            counts_E = expert_counts(ids, cfg.num_experts)
             num_assignments: int | Tensor = ids.numel()
             unrouted = None if dropped_TK is None else (~dropped_TK).sum(-1).eq(0).sum()
         else:
-            E = cfg.num_experts
-            counts_E = expert_counts(ids.clamp(max=E), E + 1, ffn_TK)[:E]
             num_assignments = ffn_TK.sum()
             sent_TK = ffn_TK if dropped_TK is None else ffn_TK & ~dropped_TK
             unrouted = sent_TK.sum(-1).eq(0).sum()
@@ -340,6 +350,13 @@ class MoELayer(nn.Module):
         )
         if record and self.stats_log is not None:
             self.stats_log.append(self.last_stats)
+
+    def _ffn_counts(self, ids_TK: Tensor, ffn_TK: Tensor | None) -> Tensor:
+        """Assignments per FFN expert (``ffn_TK``: the slots that go to one; None: all)."""
+        E = self.cfg.num_experts
+        if ffn_TK is None:
+            return expert_counts(ids_TK.detach(), E)
+        return expert_counts(ids_TK.detach().clamp(max=E), E + 1, ffn_TK)[:E]
 
     def _shared_fn(self, x: Tensor) -> Callable[[], Tensor] | None:
         """The shared experts on this rank's tokens, for the dispatcher to run where they hide
@@ -368,7 +385,8 @@ class MoELayer(nn.Module):
         keep_TK = ffn_TK
         if cfg.capacity_factor is not None:
             T, E = ids_TK.shape[0], cfg.num_experts
-            C = expert_capacity(T, E, cfg.top_k, cfg.capacity_factor, cfg.min_capacity)
+            k = scheduled_top_k(cfg, self.routing_step.step)  # top_k without a schedule
+            C = expert_capacity(T, E, k, cfg.capacity_factor, cfg.min_capacity)
             if ffn_TK is None:
                 keep_TK = capacity_keep_mask(ids_TK, weights_TK, E, C, cfg.drop_policy)
                 dropped_TK = ~keep_TK
@@ -379,6 +397,11 @@ class MoELayer(nn.Module):
                 dropped_TK = ffn_TK & ~rank_ok
         if ffn_TK is not None and cfg.num_extra_experts:
             ids_TK = ids_TK.clamp(max=cfg.num_experts - 1)  # masked slots: any valid id
+        if C is not None and (cfg.rectify_intra_group or cfg.rectify_fill_in):
+            assert routed.probs_TE is not None and keep_TK is not None
+            ids_TK, weights_TK, keep_TK, dropped_TK = rectify(
+                cfg, ids_TK, weights_TK, keep_TK, routed.probs_TE, C
+            )
         pad = C if cfg.pad_to_capacity else None
         return Routing(ids_TK, weights_TK, keep_TK, pad), RoutePlan(dropped_TK, ffn_TK, C)
 
@@ -404,7 +427,8 @@ class MoELayer(nn.Module):
         if routed.probs_TE is None or routed.logits_TE is None:
             return lb_loss, zl
         # expert-choice needs no balancing: every expert takes the same number of tokens
-        if self.aux_coeff > 0 and cfg.expert_choice is None:
+        balanced = self.aux_coeff > 0 or self.adaptive_aux is not None
+        if balanced and cfg.expert_choice is None:
             lb_loss = self._balance_loss(routed, seq_len, call, recompute)
         if cfg.entropy_loss_coeff > 0:  # top-p's dynamic loss: sharpen the router
             lb_loss = lb_loss + cfg.entropy_loss_coeff * token_entropy(routed.probs_TE)
@@ -431,7 +455,7 @@ class MoELayer(nn.Module):
         return load_balancing_loss(
             routed.probs_TE,
             routed.topk_ids_TK,
-            self.aux_coeff,
+            self.aux_coeff if self.adaptive_aux is None else self.adaptive_aux.coeff,  # type: ignore[arg-type]
             scope=cfg.aux_loss_scope,
             seq_len=seq_len,
             counts_E=counts_E,
@@ -441,9 +465,16 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self, reduce_load: CountReduce | None = None) -> Tensor | None:
-        """Aux-loss-free balancing: once per optimizer step (see ``Router.update_expert_bias``)."""
+        """Once per optimizer step, from the step's loads summed by ``reduce_load``: aux-loss-free
+        balancing (see ``Router.update_expert_bias``; its load is returned) and the adaptive
+        aux coefficient (``moetrain.moe.policies``)."""
+        if self.adaptive_aux is not None:
+            self.adaptive_aux.update(reduce_load)
         return self.router.update_expert_bias(reduce_load)
 
     def discard_step(self) -> None:
-        """A skipped optimizer step: drop what the router recorded for it."""
+        """A skipped optimizer step: drop what the router and the adaptive coefficient recorded
+        for it."""
         self.router.discard_step_load()
+        if self.adaptive_aux is not None:
+            self.adaptive_aux.discard()

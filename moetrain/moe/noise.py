@@ -37,6 +37,7 @@ TRAIN, EVAL = 0, 1  # phases
 # streams: one per stochastic use
 JITTER = 1  # TopKRouter input jitter: D draws per token
 RANDOM_ROUTER = 2  # RandomRouter: E draws per token
+DENSE_GATE = 3  # the dense-to-sparse gate's Gumbel noise: E draws per token
 
 
 def _mul32(x: Tensor | int, c: int) -> Tensor | int:

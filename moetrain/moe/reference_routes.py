@@ -18,6 +18,8 @@ from torch import Tensor
 from moetrain.moe.capacity import expert_capacity
 from moetrain.moe.experts import expert_mlp
 from moetrain.moe.layer import MoELayer
+from moetrain.moe.noise import TokenNoise
+from moetrain.moe.reference_policies import dense_choice, rectify_slots, top_k_at
 from moetrain.moe.routes import route_starts
 
 
@@ -40,15 +42,15 @@ def _probs(layer: MoELayer, scores: Tensor) -> Tensor:
     return scores
 
 
-def _token_choice(layer: MoELayer, scores: Tensor, probs: Tensor) -> list[list[int]]:
-    """Each token's routes in order: top-k, or top-p within [min_k, max_k]."""
+def _token_choice(layer: MoELayer, scores: Tensor, probs: Tensor, k: int) -> list[list[int]]:
+    """Each token's routes in order: top-k (``k``), or top-p within [min_k, max_k]."""
     cfg = layer.cfg
     scores, probs = scores.detach(), probs.detach()
     chosen = []
     for t in range(scores.shape[0]):
         order = sorted(range(scores.shape[1]), key=lambda e: (-float(scores[t, e]), e))
         if cfg.top_p is None:
-            chosen.append(order[: cfg.top_k])
+            chosen.append(order[:k])
             continue
         picked: list[int] = []
         mass = 0.0
@@ -94,14 +96,14 @@ def _weights(layer: MoELayer, chosen, scores: Tensor) -> list[list[Tensor]]:
     return out
 
 
-def _drop(layer: MoELayer, chosen, weights) -> list[list[bool]]:
-    """Capacity over the FFN slots (a Python fill in priority order)."""
+def _drop(layer: MoELayer, chosen, weights, k: int) -> tuple[list[list[bool]], int | None]:
+    """Capacity over the FFN slots (a Python fill in priority order); and C."""
     cfg = layer.cfg
     keep = [[True] * len(r) for r in chosen]
     if cfg.capacity_factor is None or cfg.expert_choice is not None:
-        return keep
+        return keep, None
     E = cfg.num_experts
-    C = expert_capacity(len(chosen), E, cfg.top_k, cfg.capacity_factor, cfg.min_capacity)
+    C = expert_capacity(len(chosen), E, k, cfg.capacity_factor, cfg.min_capacity)
     slots = [(t, k) for t, r in enumerate(chosen) for k, e in enumerate(r) if e < E]
     if cfg.drop_policy == "probs":  # stable: ties keep the earlier (token, slot)
         slots.sort(key=lambda tk: -float(weights[tk[0]][tk[1]].detach()))
@@ -110,7 +112,7 @@ def _drop(layer: MoELayer, chosen, weights) -> list[list[bool]]:
         e = chosen[t][k]
         keep[t][k] = used[e] < C
         used[e] += int(keep[t][k])
-    return keep
+    return keep, C
 
 
 def _route_output(layer: MoELayer, e: int, x: Tensor) -> Tensor:
@@ -150,13 +152,15 @@ def _balance(layer: MoELayer, chosen, probs: Tensor, seq_len: int | None) -> Ten
             P[null:zero] = [P_null] * (zero - null)
         eta = [1.0 if e < zero else cfg.zero_compute_aux_weight for e in range(Et)]
         losses.append(torch.stack([eta[e] * f[e] * P[e] for e in range(Et)]).sum())
-    return layer.aux_coeff * Et * torch.stack(losses).mean()
+    coeff = layer.aux_coeff if layer.adaptive_aux is None else layer.adaptive_aux.coeff.double()
+    return coeff * Et * torch.stack(losses).mean()
 
 
 def _aux(layer: MoELayer, chosen, logits: Tensor, probs: Tensor, seq_len: int | None) -> Tensor:
     cfg = layer.cfg
     total = torch.zeros((), dtype=torch.float64)
-    if layer.aux_coeff > 0 and cfg.expert_choice is None:
+    balanced = layer.aux_coeff > 0 or layer.adaptive_aux is not None
+    if balanced and cfg.expert_choice is None:
         total = total + _balance(layer, chosen, probs, seq_len)
     if cfg.entropy_loss_coeff > 0:
         ent = [-sum(p * torch.log(p.clamp(min=1e-20)) for p in row) for row in probs]
@@ -168,10 +172,15 @@ def _aux(layer: MoELayer, chosen, logits: Tensor, probs: Tensor, seq_len: int | 
 
 
 def reference_routes(
-    layer: MoELayer, x: Tensor, previous_logits: Tensor | None = None
+    layer: MoELayer,
+    x: Tensor,
+    previous_logits: Tensor | None = None,
+    step: int = 0,
+    noise: TokenNoise | None = None,
 ) -> tuple[Tensor, Tensor, list[list[tuple[int, float]]]]:
     """The layer's output (shared experts excluded), aux loss and picked slots, from the
-    definitions (``previous_logits``: the previous MoE layer's, for a gating residual)."""
+    definitions (``previous_logits``: the previous MoE layer's, for a gating residual; ``step``
+    the optimizer step of the schedules; ``noise`` the call's key, for the dense gate)."""
     cfg = layer.cfg
     seq_len = x.shape[-2] if x.dim() == 3 else None
     x_TD = x.reshape(-1, cfg.dim)
@@ -181,10 +190,16 @@ def reference_routes(
         chosen = _expert_choice(layer, probs, seq_len)
         scale = cfg.routed_scaling_factor
         weights = [[probs[t, e] * scale for e in r] for t, r in enumerate(chosen)]
+    elif (dense := dense_choice(layer, logits, step, noise)) is not None:
+        chosen, weights = dense
     else:
-        chosen = _token_choice(layer, scores, probs)
+        k = top_k_at(layer, step)
+        chosen = _token_choice(layer, scores, probs, k)
         weights = _weights(layer, chosen, scores)
-    keep = _drop(layer, chosen, weights)
+    keep, C = _drop(layer, chosen, weights, top_k_at(layer, step))
+    balance_chosen = [list(r) for r in chosen]  # the balance loss counts the router's choice
+    if C is not None and (cfg.rectify_intra_group or cfg.rectify_fill_in):
+        rectify_slots(layer, chosen, weights, keep, probs, C)
     rows, picked = [], []
     for t, routes in enumerate(chosen):
         acc = torch.zeros(cfg.dim, dtype=torch.float64)
@@ -196,4 +211,4 @@ def reference_routes(
         rows.append(acc)
         picked.append(mine)
     y = torch.stack(rows).to(x.dtype).view(x.shape)
-    return y, _aux(layer, chosen, logits, probs, seq_len), picked
+    return y, _aux(layer, balance_chosen, logits, probs, seq_len), picked

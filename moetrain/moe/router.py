@@ -57,7 +57,8 @@ class Router(nn.Module, ABC):
     balancing); ``supports_groups`` — supports group-limited routing (``num_groups > 1``);
     ``draws_noise`` — stochastic: the layer passes ``noise=`` to :meth:`forward` (routers
     without it may keep the two-argument signature; an instance may set it from its config, so
-    routers that draw only under some options build no noise keys otherwise);
+    routers that draw only under some options build no noise keys otherwise); ``uses_step`` —
+    the layer passes the optimizer step as ``step=`` (routing schedules; an instance flag too);
     ``eager_under_compile`` — names of methods that must run eagerly inside a compiled block
     (``train.compile`` wraps them in ``torch.compiler.disable``), e.g. host-side work whose
     Python values would otherwise become guards, recompiled on every change.
@@ -66,6 +67,7 @@ class Router(nn.Module, ABC):
     needs_token_ids: ClassVar[bool] = False
     eager_under_compile: ClassVar[tuple[str, ...]] = ()
     draws_noise: bool = False
+    uses_step: bool = False
     uses_expert_bias: ClassVar[bool] = False
     supports_groups: ClassVar[bool] = False
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from moetrain.moe import noise as noise_streams
 from moetrain.moe.aux_losses import CountReduce, expert_counts
 from moetrain.moe.noise import TokenNoise
+from moetrain.moe.policies import dense_select, dense_temperature, gumbel, scheduled_top_k
 from moetrain.moe.router import Router, RouterOutput
 from moetrain.moe.routes import combine_weights, top_p_select
 
@@ -40,7 +41,7 @@ class TopKRouter(Router):
 
     uses_expert_bias = True
     supports_groups = True
-    eager_under_compile = ("jitter_draws",)
+    eager_under_compile = ("jitter_draws", "gate_temperature")
 
     expert_bias_E: Tensor
     step_load_E: Tensor
@@ -48,13 +49,20 @@ class TopKRouter(Router):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__(cfg)
-        self.draws_noise = cfg.router_jitter > 0  # no noise keys to build without jitter
+        # no noise keys to build without jitter or the dense-to-sparse gate's Gumbel noise
+        self.draws_noise = cfg.router_jitter > 0 or cfg.dense_to_sparse_steps is not None
+        # the schedules (moetrain.moe.policies) read the optimizer step: forward(step=...)
+        self.uses_step = (
+            cfg.dense_to_sparse_steps is not None or cfg.top_k_schedule_steps is not None
+        )
         E = cfg.num_routes  # FFN experts, then null and zero-computation experts
         self.weight_ED = nn.Parameter(torch.empty(E, cfg.dim))
         self.residual_EE = None  # MoE++ gating residual: enable_gating_residual()
         # Aux-loss-free balancing state: the bias (selection only) and this step's loads.
         self.register_buffer("expert_bias_E", torch.zeros(E), persistent=True)
         self.register_buffer("step_load_E", torch.zeros(E, dtype=torch.float32), persistent=False)
+        if cfg.freeze_router:  # SMoE-Dropout's fixed random router
+            self.weight_ED.requires_grad_(False)
 
     def enable_gating_residual(self) -> None:
         """Add MoE++'s gating residual: ``forward(..., previous_logits_TE=L)`` adds
@@ -76,14 +84,20 @@ class TopKRouter(Router):
         token_ids_T: Tensor | None = None,
         noise: TokenNoise | None = None,
         previous_logits_TE: Tensor | None = None,
+        step: int = 0,
     ) -> RouterOutput:
-        """``previous_logits_TE``: the previous MoE layer's logits (gating residual)."""
+        """``previous_logits_TE``: the previous MoE layer's logits (gating residual); ``step``:
+        the optimizer step, for the schedules."""
         # fp32 router math even under autocast (which would run F.linear in bf16)
         with torch.autocast(x_TD.device.type, enabled=False):
-            return self._route(x_TD, noise, previous_logits_TE)
+            return self._route(x_TD, noise, previous_logits_TE, step)
 
     def _route(
-        self, x_TD: Tensor, noise: TokenNoise | None, previous_logits_TE: Tensor | None = None
+        self,
+        x_TD: Tensor,
+        noise: TokenNoise | None,
+        previous_logits_TE: Tensor | None = None,
+        step: int = 0,
     ) -> RouterOutput:
         cfg = self.cfg
         x = x_TD.float()
@@ -103,8 +117,21 @@ class TopKRouter(Router):
         if cfg.num_groups > 1:
             choice_TE = mask_to_top_groups(choice_TE, cfg.num_groups, cfg.topk_groups)
         active_TK = None
+        temperature = dense_temperature(cfg, step)
+        if temperature is not None:  # EvoMoE's dense-to-sparse gate, while it lasts
+            gumbel_TE = None
+            if self.training:
+                noise = TokenNoise.local(x.shape[0], x.device) if noise is None else noise
+                gumbel_TE = gumbel(noise, logits_TE.shape[-1])
+            tau = self.gate_temperature(temperature, x.device)
+            ids_TE, weights_TE, active_TE = dense_select(cfg, logits_TE, tau, gumbel_TE)
+            return RouterOutput(ids_TE, weights_TE, logits_TE, probs_TE, active_TE)
         if cfg.top_p is None:
             topk_ids_TK = _stable_topk_indices(choice_TE, cfg.top_k)
+            k = scheduled_top_k(cfg, step)
+            if k < cfg.top_k:  # SMoE-Dropout's schedule: the first k slots carry routes
+                active_TK = torch.arange(cfg.top_k, device=x.device) < k
+                active_TK = active_TK.expand_as(topk_ids_TK)
         else:
             order_TE = _stable_topk_indices(choice_TE, choice_TE.shape[-1])
             topk_ids_TK, active_TK = top_p_select(cfg, order_TE, probs_TE)
@@ -116,6 +143,11 @@ class TopKRouter(Router):
         prefix is Python-int math on the step number, which a traced draw would guard on (a
         recompilation every step)."""
         return noise.uniform(noise_streams.JITTER, width)
+
+    def gate_temperature(self, temperature: float, device: torch.device) -> Tensor:
+        """The dense gate's temperature as a 0-dim tensor. Eager under ``train.compile``: it
+        changes every step, and a traced float would be a guard (a recompilation per step)."""
+        return torch.tensor(temperature, dtype=torch.float32, device=device)
 
     def _scores(self, logits_TE: Tensor) -> Tensor:
         cfg = self.cfg

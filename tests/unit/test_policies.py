@@ -1,0 +1,320 @@
+"""Routing research II: Rectify-Router (moetrain.moe.rectify), the dense-to-sparse gate and the
+top-k schedule, adaptive per-layer aux coefficients (moetrain.moe.policies).
+
+Hand-computed cases for each rule, then the layer against the naive reference
+(moetrain.moe.reference_routes with moetrain.moe.reference_policies), output and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetrain.moe import MoEConfig, MoELayer
+from moetrain.moe.noise import NoiseKey, TokenNoise
+from moetrain.moe.policies import (
+    AdaptiveAuxCoefficient,
+    dense_select,
+    dense_temperature,
+    drop_rate,
+    scheduled_top_k,
+)
+from moetrain.moe.rectify import fill_in, intra_group
+from moetrain.moe.reference_routes import reference_routes
+
+D = 16
+
+
+def moe(**kw) -> MoEConfig:
+    base = dict(num_experts=4, top_k=2, dim=D, hidden_dim=24, aux_loss_coeff=0.01)
+    base.update(kw)
+    return MoEConfig(**base)
+
+
+# --- hand-computed cases ---------------------------------------------------------------------
+
+
+def test_intra_group_moves_a_dropped_slot_to_its_groups_best_expert_with_room():
+    # 4 experts in groups {0, 1} and {2, 3}; top-1; capacity 1
+    cfg = moe(top_k=1, capacity_factor=1.0, expert_groups=2, rectify_intra_group=True)
+    probs = torch.tensor(
+        [
+            [0.7, 0.2, 0.05, 0.05],  # token 0: expert 0, kept
+            [0.6, 0.3, 0.05, 0.05],  # token 1: expert 0, dropped -> expert 1 (room)
+            [0.5, 0.1, 0.3, 0.1],  # token 2: expert 0, dropped -> expert 1 taken: stays dropped
+            [0.1, 0.1, 0.7, 0.1],  # token 3: expert 2, kept
+        ]
+    )
+    ids = torch.tensor([[0], [0], [0], [2]])
+    w = torch.ones(4, 1)
+    keep = torch.tensor([[True], [False], [False], [True]])
+    ids2, w2, keep2 = intra_group(cfg, ids, w, keep, probs, capacity=1)
+    assert ids2.flatten().tolist() == [0, 1, 0, 2]
+    assert keep2.flatten().tolist() == [True, True, False, True]
+    # the moved weight scales by p_new / p_old: 0.3 / 0.6; token 1 outranks token 2 (0.5 > 0.2)
+    torch.testing.assert_close(w2.flatten(), torch.tensor([1.0, 0.5, 1.0, 1.0]))
+    # expert 3 has room but lies in the other group: nobody moves there
+    assert 3 not in ids2.flatten().tolist()
+
+
+def test_intra_group_position_policy_and_the_tokens_own_experts():
+    cfg = moe(
+        top_k=2,
+        capacity_factor=1.0,
+        expert_groups=2,
+        rectify_intra_group=True,
+        drop_policy="position",
+    )
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    # token 0 chose 0 and 1 (0 dropped): its group's other expert is its own, so no move;
+    # token 1 chose 3 (dropped) and 0: it moves to 2
+    ids = torch.tensor([[0, 1], [3, 0]])
+    keep = torch.tensor([[False, True], [False, True]])
+    ids2, _, keep2 = intra_group(cfg, ids, torch.ones(2, 2), keep, probs, capacity=1)
+    assert ids2.tolist() == [[0, 1], [2, 0]] and keep2.tolist() == [[False, True], [True, True]]
+
+
+def test_fill_in_gives_each_experts_room_to_its_best_unrouted_tokens():
+    cfg = moe(top_k=1, capacity_factor=1.0, rectify_fill_in=True, routed_scaling_factor=2.0)
+    probs = torch.tensor(
+        [[0.6, 0.2, 0.1, 0.1], [0.5, 0.3, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.4, 0.4, 0.1, 0.1]]
+    )
+    ids = torch.tensor([[0], [0], [2], [1]])
+    keep = torch.tensor([[True], [True], [True], [True]])
+    ids_TE, w_TE, active = fill_in(cfg, ids, keep, probs, capacity=2)
+    # room: expert 0: 0; 1: 1; 2: 1; 3: 2. Expert 1 takes token 1 (0.3 > 0.2 > 0.1);
+    # expert 2: tokens 0, 1, 3 tie at 0.1 -> token 0; expert 3: tokens 0 and 1 (ties, earlier)
+    assert active.tolist() == [
+        [False, False, True, True],
+        [False, True, False, True],
+        [False, False, False, False],
+        [False, False, False, False],
+    ]
+    assert ids_TE[2].tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(w_TE[1], torch.tensor([0.0, 0.6, 0.0, 0.2]))
+
+
+def test_schedules_by_hand():
+    cfg = moe(top_k=4, top_k_start=1, top_k_schedule_steps=6)
+    assert [scheduled_top_k(cfg, s) for s in range(8)] == [1, 1, 2, 2, 3, 3, 4, 4]
+    cfg = moe(dense_to_sparse_steps=4, dense_to_sparse_temperature=[2.0, 0.5])
+    assert [dense_temperature(cfg, s) for s in (0, 2, 4)] == [2.0, pytest.approx(1.0), None]
+    # the gate: softmax(logits / tau), experts with g >= threshold (at least top_k)
+    cfg = moe(top_k=1, dense_to_sparse_steps=4, dense_to_sparse_threshold=0.2)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    ids, w, active = dense_select(cfg, logits, torch.tensor(1.0), None)
+    assert ids.tolist() == [[0, 1, 2, 3]] and active.tolist() == [[True, True, False, False]]
+    torch.testing.assert_close(w, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    ids, w, active = dense_select(cfg, logits, torch.tensor(8.0), None)  # hotter: all 4 pass
+    assert active.all()
+
+
+def test_drop_rate_and_the_adaptive_update_by_hand():
+    # 12 assignments over 4 experts, capacity 3 each: 6 - 3 = 3 above -> d = 0.25
+    counts = torch.tensor([6.0, 3.0, 2.0, 1.0])
+    assert float(drop_rate(counts, None)) == 0.25
+    assert float(drop_rate(counts, 1.5)) == pytest.approx((6 - 4.5) / 12)
+    cfg = moe(adaptive_aux_smoothing=0.5, adaptive_aux_sensitivity=0.2)
+    a = AdaptiveAuxCoefficient(cfg, initial=0.01)
+    a.record(torch.tensor([4.0, 1.0, 1.0, 0.0]))
+    a.record(torch.tensor([2.0, 2.0, 1.0, 1.0]))
+    assert float(a.update(lambda c: 2 * c)) == 0.25  # reduce doubles: the same shares
+    assert float(a.coeff) == pytest.approx(0.5 * 0.01 + 0.5 * 0.2 * 0.25)
+    assert float(a.step_counts_E.sum()) == 0  # the next step starts afresh
+    assert "coeff" in a.state_dict() and "step_counts_E" not in a.state_dict()
+    a.record(torch.ones(4))
+    a.discard()
+    assert float(a.step_counts_E.sum()) == 0
+    assert a.to(torch.bfloat16).coeff.dtype == torch.float32
+
+
+# --- the layer against the naive reference ---------------------------------------------------
+
+OPTIONS = {
+    "intra_group_probs": dict(
+        top_k=1, capacity_factor=1.0, min_capacity=0, expert_groups=2, rectify_intra_group=True
+    ),
+    "intra_group_position_fill_in": dict(
+        capacity_factor=1.0,
+        min_capacity=0,
+        expert_groups=2,
+        rectify_intra_group=True,
+        rectify_fill_in=True,
+        drop_policy="position",
+    ),
+    "fill_in_padded_scaled": dict(
+        capacity_factor=1.5,
+        min_capacity=0,
+        rectify_fill_in=True,
+        pad_to_capacity=True,
+        routed_scaling_factor=2.0,
+        num_experts=8,
+        top_k=1,
+    ),
+    "dense_to_sparse": dict(dense_to_sparse_steps=4, dense_to_sparse_threshold=0.1),
+    "top_k_schedule_capacity": dict(
+        top_k=3, top_k_schedule_steps=4, capacity_factor=1.0, min_capacity=0, freeze_router=True
+    ),
+    "adaptive_aux_sequence": dict(
+        adaptive_aux_smoothing=0.5, adaptive_aux_sensitivity=1.0, aux_loss_scope="sequence"
+    ),
+}
+
+
+POLICY_KEYS = {
+    "expert_groups",
+    "rectify_intra_group",
+    "rectify_fill_in",
+    "dense_to_sparse_steps",
+    "dense_to_sparse_threshold",
+    "top_k_schedule_steps",
+    "freeze_router",
+    "adaptive_aux_smoothing",
+    "adaptive_aux_sensitivity",
+}
+
+
+def build(kw: dict, seed: int = 0, sharpen: float = 40.0) -> MoELayer:
+    torch.manual_seed(seed)
+    layer = MoELayer(moe(**kw), layer_idx=0)
+    with torch.no_grad():  # sharper router scores: distinct choices, real drops
+        layer.router.weight_ED.mul_(sharpen)
+    return layer
+
+
+def grads(layer: MoELayer, x: torch.Tensor, out: torch.Tensor, aux: torch.Tensor | None):
+    g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+    loss = (out * g).sum() + (0 if aux is None else aux)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    return [torch.zeros_like(t) if v is None else v for t, v in zip([x, *params], got)]
+
+
+def _call(layer: MoELayer, x: torch.Tensor, step: int):
+    layer.start_step(step)
+    y = layer(x)
+    noise = TokenNoise(NoiseKey(0, 0, step, 0), torch.arange(x.shape[0] * x.shape[1]))
+    return y, reference_routes(layer, x, step=step, noise=noise)
+
+
+@pytest.mark.parametrize("step", [0, 2, 5])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_layer_matches_the_naive_reference(option, step):
+    layer = build(OPTIONS[option])
+    if layer.adaptive_aux is not None:  # a coefficient that has moved
+        layer.adaptive_aux.coeff.fill_(0.037 * (step + 1))
+    x = torch.randn(2, 12, D, requires_grad=True)
+    y, (y_ref, aux_ref, picked) = _call(layer, x, step)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    stats = layer.last_stats
+    torch.testing.assert_close(stats.aux_loss + stats.z_loss, aux_ref.float(), rtol=1e-5, atol=1e-7)
+    got = grads(layer, x, y, None)
+    want = grads(layer, x, y_ref, aux_ref.float())
+    names = ["x", *[n for n, p in layer.named_parameters() if p.requires_grad]]
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    if layer.cfg.capacity_factor is not None and not layer.cfg.rectify_fill_in:
+        kept = int(stats.num_assignments) - int(stats.num_dropped)
+        assert kept == sum(len(slots) for slots in picked)
+
+
+def test_every_option_is_live():
+    """Each option changes the output at step 0 against the same layer without it (so the
+    comparisons above can fail); intra-group rectification rescues dropped slots."""
+    x = torch.randn(2, 12, D)
+    for option, kw in OPTIONS.items():
+        base_kw = {k: v for k, v in kw.items() if k not in POLICY_KEYS}
+        # softer scores: a moved or filled-in slot's weight (its probability) is not negligible
+        layer, base = build(kw, sharpen=4.0), build(base_kw, sharpen=4.0)
+        if layer.adaptive_aux is not None:  # the coefficient scales the aux loss
+            layer.adaptive_aux.coeff.fill_(0.5)
+            layer(x)
+            base(x)
+            assert float(layer.last_stats.aux_loss) > 10 * float(base.last_stats.aux_loss)
+            continue
+        assert not torch.allclose(layer(x), base(x), atol=1e-4), option
+        if kw.get("rectify_intra_group"):
+            assert int(layer.last_stats.num_dropped) < int(base.last_stats.num_dropped), option
+
+
+def test_the_schedules_end_in_the_plain_router():
+    x = torch.randn(2, 12, D)
+    plain = build(dict(top_k=3))
+    for kw in (dict(dense_to_sparse_steps=4), dict(top_k_schedule_steps=4, top_k_start=1)):
+        layer = build(dict(top_k=3, **kw))
+        layer.start_step(4)
+        plain.start_step(4)
+        torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
+        layer.start_step(0)
+        assert not torch.allclose(layer(x), plain(x), atol=1e-4)
+
+
+def test_dense_gate_widths_shrink_as_it_cools():
+    layer = build(dict(dense_to_sparse_steps=8, dense_to_sparse_threshold=0.1, num_experts=8))
+    layer.eval()  # no Gumbel noise: the width follows the temperature alone
+    layer.router.weight_ED.data.div_(40)  # soft scores: a hot gate passes many experts
+    x = torch.randn(4, 16, D)
+    widths = []
+    for step in (0, 4, 7, 8):
+        layer.start_step(step)
+        layer(x)
+        widths.append(float(layer.last_stats.route_counts[0]) / 64)
+    assert widths[0] > widths[1] > widths[2] >= widths[3] == 2.0, widths
+
+
+def test_frozen_router_never_trains():
+    layer = build(dict(top_k_schedule_steps=4, freeze_router=True))
+    before = layer.router.weight_ED.detach().clone()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=1.0)
+    layer(torch.randn(2, 12, D)).sum().backward()
+    opt.step()
+    assert layer.router.weight_ED.grad is None
+    torch.testing.assert_close(layer.router.weight_ED, before, rtol=0, atol=0)
+
+
+def test_adaptive_coefficient_follows_the_layers_drop_rate_and_is_checkpointed():
+    layer = build(dict(adaptive_aux_smoothing=0.5, adaptive_aux_sensitivity=1.0))
+    assert float(layer.adaptive_aux.coeff) == pytest.approx(0.01)
+    x = torch.randn(2, 12, D)
+    layer(x)
+    counts = layer.last_stats.tokens_per_expert_E.float()
+    layer(x)  # two micro-batches of one step
+    layer.update_expert_bias()
+    want = 0.5 * 0.01 + 0.5 * float(drop_rate(2 * counts, None))
+    assert float(layer.adaptive_aux.coeff) == pytest.approx(want)
+    state = layer.state_dict()
+    fresh = build(dict(adaptive_aux_smoothing=0.5, adaptive_aux_sensitivity=1.0), seed=1)
+    fresh.load_state_dict(state)
+    assert float(fresh.adaptive_aux.coeff) == pytest.approx(want)
+    # the per-layer list stays the starting point
+    per_layer = moe(adaptive_aux_smoothing=0.9, aux_loss_coeff_per_layer=[0.02, 0.05])
+    assert float(MoELayer(per_layer, layer_idx=1).adaptive_aux.coeff) == pytest.approx(0.05)
+    static = MoELayer(moe(aux_loss_coeff_per_layer=[0.02, 0.05]), layer_idx=1)
+    assert static.adaptive_aux is None and static.aux_coeff == 0.05
+
+
+@pytest.mark.parametrize(
+    ("kw", "named"),
+    [
+        (dict(expert_groups=3), "model.moe.expert_groups"),
+        (dict(expert_groups=2), "model.moe.expert_groups"),
+        (dict(rectify_intra_group=True, capacity_factor=1.0), "model.moe.rectify_intra_group"),
+        (dict(rectify_fill_in=True), "model.moe.rectify_fill_in: needs model.moe.capacity_factor"),
+        (dict(rectify_fill_in=True, capacity_factor=1.0, top_p=0.5), "model.moe.rectify_fill_in"),
+        (dict(dense_to_sparse_steps=0), "model.moe.dense_to_sparse_steps"),
+        (dict(dense_to_sparse_steps=3, capacity_factor=1.0), "model.moe.dense_to_sparse_steps"),
+        (
+            dict(dense_to_sparse_steps=3, dense_to_sparse_temperature=[1.0]),
+            "model.moe.dense_to_sparse_temperature",
+        ),
+        (dict(dense_to_sparse_steps=3, dense_to_sparse_threshold=1.0), "threshold"),
+        (dict(top_k_start=3), "model.moe.top_k_start"),
+        (dict(top_k_schedule_steps=4, top_p=0.5), "model.moe.top_k_schedule_steps"),
+        (dict(freeze_router=True, router_type="random"), "model.moe.freeze_router"),
+        (dict(adaptive_aux_smoothing=1.0), "model.moe.adaptive_aux_smoothing"),
+        (dict(adaptive_aux_sensitivity=-1.0), "model.moe.adaptive_aux_sensitivity"),
+    ],
+)
+def test_bad_settings_are_one_line(kw, named):
+    with pytest.raises(ValueError, match=named) as err:
+        moe(**kw)
+    assert "\n" not in str(err.value)
