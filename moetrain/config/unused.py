@@ -276,6 +276,30 @@ def _unused_routes(moe) -> list[Unused]:
             "with model.moe.expert_choice (every expert takes the same number of tokens: no "
             "balance loss, nothing dropped)",
         )
+    return found + _unused_policies(moe)
+
+
+def _unused_policies(moe) -> list[Unused]:
+    """The routing-policy keys (moetrain.moe.policies) that an option leaves without effect."""
+    found: list[Unused] = []
+    if moe.dense_to_sparse_steps is None:
+        found += _unused(
+            moe,
+            "model.moe",
+            ["dense_to_sparse_temperature", "dense_to_sparse_threshold"],
+            "with model.moe.dense_to_sparse_steps=null (no dense-to-sparse gate)",
+        )
+    if moe.top_k_schedule_steps is None:
+        found += _unused(
+            moe, "model.moe", ["top_k_start"], "with model.moe.top_k_schedule_steps=null"
+        )
+    if moe.adaptive_aux_smoothing is None:
+        found += _unused(
+            moe,
+            "model.moe",
+            ["adaptive_aux_sensitivity"],
+            "with model.moe.adaptive_aux_smoothing=null (static aux coefficients)",
+        )
     return found
 
 

@@ -11,6 +11,7 @@ chunks over the flat or hierarchical exchange (``parallel.ep_a2a``).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, ClassVar
 
 import torch.distributed as dist
@@ -73,6 +74,16 @@ class EPPlacement(ExpertPlacement):
             raise LayoutError(
                 f"parallel.etp: {dims.etp} does not divide model.moe.hidden_dim={hidden} "
                 "(expert tensor parallelism splits each expert's hidden dim)"
+            )
+        groups = model.moe.expert_groups
+        per_rank = E // dims.ep
+        if model.moe.rectify_intra_group and groups is not None and per_rank % groups:
+            warnings.warn(
+                f"model.moe.expert_groups={groups} spans expert-parallel ranks ({per_rank} "
+                f"experts per rank at parallel.ep={dims.ep}): a rectified slot may go to another "
+                "rank than its dropped one, adding all-to-all rows (results are unchanged); "
+                f"for rectification without extra traffic use a divisor of {per_rank}",
+                stacklevel=2,
             )
 
     @classmethod

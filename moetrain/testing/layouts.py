@@ -124,8 +124,20 @@ def train_steps(
             out["z_loss"].append(row["z_loss"])
             out["expert_load"] = row["expert_load"]
         out["weights"] = {k: v.cpu() for k, v in full_state(trainer.pm).items()}
+        out["buffers"] = persistent_buffers(trainer.pm.state_module())
         out["val_loss"] = trainer.evaluate()
     return out
+
+
+def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's checkpointed buffers (e.g. routers' expert biases, adaptive aux
+    coefficients) by name, as CPU copies."""
+    params = {name for name, _ in module.named_parameters()}
+    return {
+        name: value.detach().cpu().clone()
+        for name, value in module.state_dict().items()
+        if name not in params and isinstance(value, torch.Tensor)
+    }
 
 
 def train_steps_rank(

@@ -157,6 +157,17 @@ INEFFECTIVE = [
     ),
     (["model.moe.max_k=3"], "model.moe.max_k=3", "top_p=null"),
     (["model.moe.min_k=2"], "model.moe.min_k=2", "top_p=null"),
+    (["model.moe.top_k_start=2"], "model.moe.top_k_start=2", "top_k_schedule_steps=null"),
+    (
+        ["model.moe.dense_to_sparse_threshold=0.1"],
+        "model.moe.dense_to_sparse_threshold=0.1",
+        "dense_to_sparse_steps=null",
+    ),
+    (
+        ["model.moe.adaptive_aux_sensitivity=0.5"],
+        "model.moe.adaptive_aux_sensitivity=0.5",
+        "adaptive_aux_smoothing=null",
+    ),
     (
         ["model.moe.zero_compute_aux_weight=0.5"],
         "model.moe.zero_compute_aux_weight=0.5",
@@ -217,6 +228,9 @@ def test_ineffective_setting_gives_one_message(overrides, named, why):
         ["train.nonfinite=skip", "train.max_skipped_steps=3"],
         ["model.moe.top_p=0.5", "model.moe.max_k=3", "model.moe.min_k=2"],
         ["model.moe.num_copy_experts=1", "model.moe.zero_compute_aux_weight=0.5"],
+        ["model.moe.top_k_schedule_steps=10", "model.moe.top_k_start=1"],
+        ["model.moe.dense_to_sparse_steps=10", "model.moe.dense_to_sparse_threshold=0.1"],
+        ["model.moe.adaptive_aux_smoothing=0.9", "model.moe.adaptive_aux_sensitivity=0.5"],
     ],
 )
 def test_effective_or_default_settings_give_none(overrides):
