@@ -33,7 +33,7 @@ from moetrain.config.validate import expert_placement, parallel_dims, validate
 from moetrain.data.config import DataConfig
 from moetrain.models import Transformer
 from moetrain.parallel.memory_plan import GB, MemoryPlan, over_budget, plan_memory
-from moetrain.parallel.plan import describe_memory, describe_plan
+from moetrain.parallel.plan import describe_memory, describe_node_traffic, describe_plan
 from moetrain.train.cli import compose_config
 
 # the rank table lists every rank up to this world size, one rank per class beyond it
@@ -89,6 +89,12 @@ def layout_text(cfg: Config, world_size: int) -> str:
         ranks = [p * dims.stage_ranks for p in range(dims.pp)]
     experts = m.moe.num_experts if m.num_moe_layers else None
     text = describe_plan(dims, model, experts, virtual, expert_placement(cfg), ranks)
+    if m.num_moe_layers:
+        p = cfg.parallel
+        per_node = p.ep_ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+        tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+        traffic = describe_node_traffic(m.moe, dims, p.ep_a2a, per_node, tokens)
+        text += "" if traffic is None else f"\n{traffic}"
     if ranks is not None:
         text += (
             f"\nrank table: the first rank of each pipeline rank only ({world_size} ranks; the "

@@ -72,8 +72,11 @@ class ParallelConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     # all-to-all dispatcher: chunks whose exchanges overlap the experts (1 = no overlap)
     ep_overlap_chunks: int = 1
-    ep_a2a: str = "flat"  # flat | hierarchical (inter-node traffic only between node peers)
-    ep_ranks_per_node: Optional[int] = None  # hierarchical: ranks per node; null = LOCAL_WORLD_SIZE
+    # flat | hierarchical (inter-node traffic only between node peers) | node_dedup (a token
+    # crosses to each destination node once)
+    ep_a2a: str = "flat"
+    # hierarchical, node_dedup, node groups: ranks per node; null = LOCAL_WORLD_SIZE
+    ep_ranks_per_node: Optional[int] = None
     # ep (experts split over parallel.ep ranks) | fssdp (every expert sharded over a stage's
     # ranks, materialized each call where its tokens are: docs/parallelism.md)
     expert_sharding: str = "ep"

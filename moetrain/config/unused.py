@@ -154,13 +154,16 @@ def _unused_parallel(cfg: Config) -> list[Unused]:
         found += _unused(
             p, "parallel", ["pp_schedule"], "with parallel.pp=1 (no pipeline to schedule)"
         )
-    if p.expert_sharding == "ep" and p.ep_a2a == "flat":
+    moe = cfg.model.moe
+    node_routing = moe.max_node_groups is not None or moe.locality_bias > 0
+    if p.expert_sharding == "ep" and p.ep_a2a == "flat" and not node_routing:
         found += _unused(
             p,
             "parallel",
             ["ep_ranks_per_node"],
-            "with parallel.ep_a2a=flat (it sizes the hierarchical all-to-all's node groups); "
-            "set parallel.ep_a2a=hierarchical to use it",
+            "with parallel.ep_a2a=flat (it sizes the hierarchical and node_dedup exchanges' "
+            "node groups, and places node-limited routing's); set parallel.ep_a2a=hierarchical "
+            "to use it",
         )
     return found
 

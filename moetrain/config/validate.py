@@ -190,6 +190,39 @@ def _validate_apex(cfg: Config, dims: ParallelDims) -> None:
         _require_apex(apex.NORMALIZATION, "model.norm_impl", "model.norm_impl=torch")
 
 
+def _validate_node_groups(cfg: Config, dims: ParallelDims) -> None:
+    """Node-limited routing and the locality bias need each node group of experts on one node
+    of every EP group."""
+    moe, p = cfg.model.moe, cfg.parallel
+    key = "max_node_groups" if moe.max_node_groups is not None else "locality_bias"
+    if moe.max_node_groups is None and moe.locality_bias == 0:
+        return
+    if p.expert_sharding != "ep":
+        _fail(
+            f"model.moe.{key}",
+            "node groups follow the expert-parallel placement; FSSDP computes every expert "
+            "where its tokens are (no inter-node token traffic to limit): use "
+            "parallel.expert_sharding=ep",
+        )
+    if dims.ep == 1:
+        return  # every expert on every rank: the groups are the config's alone
+    per_node = p.ep_ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if not per_node:
+        _fail(
+            f"model.moe.{key}",
+            "needs the ranks per node to place node groups under expert parallelism: set "
+            "parallel.ep_ranks_per_node, or launch with torchrun (which sets LOCAL_WORLD_SIZE)",
+        )
+    nodes, local = dims.ep_node_layout(per_node)
+    if moe.num_node_groups % nodes:
+        _fail(
+            "model.moe.num_node_groups",
+            f"{moe.num_node_groups} node groups do not split over the {nodes} nodes of an EP "
+            f"group (parallel.ep={dims.ep}, {local} EP ranks per node): use a multiple of "
+            f"{nodes} so that each node group lies on one node",
+        )
+
+
 def _require_apex(part: tuple[str, str], setting: str, fallback: str) -> None:
     why = apex.problem(part)
     if why is not None:
@@ -204,6 +237,8 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
     if p.pp_virtual_stages < 1:
         _fail("parallel.pp_virtual_stages", f"must be >= 1, got {p.pp_virtual_stages}")
     dims.validate_model(m, p.pp_virtual_stages)
+    if m.num_moe_layers:
+        _validate_node_groups(cfg, dims)
     if m.tie_embeddings and (dims.tp > 1 or dims.pp > 1):
         _fail(
             "model.tie_embeddings",

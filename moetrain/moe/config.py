@@ -88,6 +88,9 @@ class MoEConfig:
     freeze_router: bool = False  # SMoE-Dropout's fixed random router: its weights never train
     adaptive_aux_smoothing: Optional[float] = None  # Skywork-MoE's beta: adaptive coefficients
     adaptive_aux_sensitivity: float = 0.1  # Skywork-MoE's xi: coefficient per unit drop rate
+    num_node_groups: int = 1  # node groups of experts (contiguous), placed one per node or more
+    max_node_groups: Optional[int] = None  # DeepSeek-V3: a token's experts in <= M node groups
+    locality_bias: float = 0.0  # LocMoE: selection bonus of the experts on the token's node
 
     def __post_init__(self) -> None:
         self.validate()

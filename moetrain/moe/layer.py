@@ -30,7 +30,7 @@ from moetrain.moe.capacity import capacity_keep_mask, drops_by_position, expert_
 from moetrain.moe.config import MoEConfig
 from moetrain.moe.dispatcher import Dispatcher, Routing, TokenDispatcher
 from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.policies import AdaptiveAuxCoefficient, scheduled_top_k
+from moetrain.moe.policies import AdaptiveAuxCoefficient
 from moetrain.moe.rectify import rectify
 from moetrain.moe.router import Router, RouterOutput
 from moetrain.moe.router_registry import build_router
@@ -194,6 +194,8 @@ class MoELayer(nn.Module):
         routing noise is keyed by it, and the global aux-loss scope's running counts restart."""
         self.routing_step.start(step)
         self._residual_inputs = []
+        if self.router.uses_step:  # the routing schedules (moetrain.moe.policies)
+            self.router.step = step  # type: ignore[assignment]
 
     def _check_input(self, x: Tensor) -> None:
         dim = self.cfg.dim
@@ -221,8 +223,6 @@ class MoELayer(nn.Module):
                 kwargs["noise"] = self.routing_step.noise(
                     call, self.training, self.layer_idx or 0, x
                 )
-            if self.router.uses_step:  # the routing schedules
-                kwargs["step"] = self.routing_step.step
             routed = self.router(x_TD, token_ids, **kwargs)
         if self.logit_chain is not None and not recompute:
             self.logit_chain.latest = routed.logits_TE
@@ -385,7 +385,9 @@ class MoELayer(nn.Module):
         keep_TK = ffn_TK
         if cfg.capacity_factor is not None:
             T, E = ids_TK.shape[0], cfg.num_experts
-            k = scheduled_top_k(cfg, self.routing_step.step)  # top_k without a schedule
+            k = cfg.top_k  # the top-k schedule's k while it runs
+            if cfg.top_k_schedule_steps is not None:
+                k = self.router.scheduled_k()  # type: ignore[operator]
             C = expert_capacity(T, E, k, cfg.capacity_factor, cfg.min_capacity)
             if ffn_TK is None:
                 keep_TK = capacity_keep_mask(ids_TK, weights_TK, E, C, cfg.drop_policy)

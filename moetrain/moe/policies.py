@@ -55,9 +55,11 @@ def _fail(name: str, why: str) -> NoReturn:
 
 def validate_policies(cfg: MoEConfig) -> None:
     """Checks of the routing-policy options (``MoEConfig.validate`` calls it)."""
+    from moetrain.moe.node_routing import validate_node_routing
     from moetrain.moe.rectify import validate_rectify
 
     validate_rectify(cfg)
+    validate_node_routing(cfg)
     _validate_dense_to_sparse(cfg)
     _validate_top_k_schedule(cfg)
     _validate_adaptive_aux(cfg)

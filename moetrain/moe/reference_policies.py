@@ -104,3 +104,27 @@ def rectify_slots(layer: MoELayer, chosen, weights, keep, probs: Tensor, C: int)
                 chosen[t].append(e)
                 weights[t].append(probs[t, e] * cfg.routed_scaling_factor)
                 keep[t].append(True)
+
+
+def node_aware_order(layer: MoELayer, scores: list[float]) -> list[int]:
+    """A token's experts by descending selection score (ties to the lower id): the locality
+    bias added on the router's ``home_experts``; with node-limited routing only the experts of
+    the M node groups whose ``ceil(K / M)`` best scores sum highest (ties to the lower group)."""
+    cfg = layer.cfg
+    choice = list(scores)
+    home = getattr(layer.router, "home_experts", None)
+    if home is not None:
+        for e in home:
+            choice[e] += cfg.locality_bias
+    allowed: list[int] = list(range(len(choice)))
+    M = cfg.max_node_groups
+    if M is not None:
+        n = cfg.num_experts // cfg.num_node_groups
+        best = min(math.ceil(cfg.top_k / M), n)
+        group_score = [
+            sum(sorted(choice[g * n : (g + 1) * n], reverse=True)[:best])
+            for g in range(cfg.num_node_groups)
+        ]
+        kept = sorted(range(cfg.num_node_groups), key=lambda g: (-group_score[g], g))[:M]
+        allowed = [e for g in sorted(kept) for e in range(g * n, (g + 1) * n)]
+    return sorted(allowed, key=lambda e: (-choice[e], e))

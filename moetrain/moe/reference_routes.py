@@ -19,7 +19,12 @@ from moetrain.moe.capacity import expert_capacity
 from moetrain.moe.experts import expert_mlp
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.noise import TokenNoise
-from moetrain.moe.reference_policies import dense_choice, rectify_slots, top_k_at
+from moetrain.moe.reference_policies import (
+    dense_choice,
+    node_aware_order,
+    rectify_slots,
+    top_k_at,
+)
 from moetrain.moe.routes import route_starts
 
 
@@ -48,7 +53,7 @@ def _token_choice(layer: MoELayer, scores: Tensor, probs: Tensor, k: int) -> lis
     scores, probs = scores.detach(), probs.detach()
     chosen = []
     for t in range(scores.shape[0]):
-        order = sorted(range(scores.shape[1]), key=lambda e: (-float(scores[t, e]), e))
+        order = node_aware_order(layer, [float(v) for v in scores[t]])
         if cfg.top_p is None:
             chosen.append(order[:k])
             continue

@@ -58,7 +58,8 @@ class Router(nn.Module, ABC):
     ``draws_noise`` — stochastic: the layer passes ``noise=`` to :meth:`forward` (routers
     without it may keep the two-argument signature; an instance may set it from its config, so
     routers that draw only under some options build no noise keys otherwise); ``uses_step`` —
-    the layer passes the optimizer step as ``step=`` (routing schedules; an instance flag too);
+    routing schedules: the layer sets the router's ``step`` attribute to the optimizer step at
+    each ``start_step`` (an instance flag too);
     ``eager_under_compile`` — names of methods that must run eagerly inside a compiled block
     (``train.compile`` wraps them in ``torch.compiler.disable``), e.g. host-side work whose
     Python values would otherwise become guards, recompiled on every change.

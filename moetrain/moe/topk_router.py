@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from moetrain.moe import noise as noise_streams
 from moetrain.moe.aux_losses import CountReduce, expert_counts
+from moetrain.moe.node_routing import add_locality_bias, group_best
 from moetrain.moe.noise import TokenNoise
 from moetrain.moe.policies import dense_select, dense_temperature, gumbel, scheduled_top_k
 from moetrain.moe.router import Router, RouterOutput
@@ -41,7 +42,7 @@ class TopKRouter(Router):
 
     uses_expert_bias = True
     supports_groups = True
-    eager_under_compile = ("jitter_draws", "gate_temperature")
+    eager_under_compile = ("jitter_draws", "gumbel_draws", "scheduled_k", "gate_temperature")
 
     expert_bias_E: Tensor
     step_load_E: Tensor
@@ -51,13 +52,16 @@ class TopKRouter(Router):
         super().__init__(cfg)
         # no noise keys to build without jitter or the dense-to-sparse gate's Gumbel noise
         self.draws_noise = cfg.router_jitter > 0 or cfg.dense_to_sparse_steps is not None
-        # the schedules (moetrain.moe.policies) read the optimizer step: forward(step=...)
+        # the schedules (moetrain.moe.policies) read the optimizer step, which the layer sets
         self.uses_step = (
             cfg.dense_to_sparse_steps is not None or cfg.top_k_schedule_steps is not None
         )
+        self.step = 0
         E = cfg.num_routes  # FFN experts, then null and zero-computation experts
         self.weight_ED = nn.Parameter(torch.empty(E, cfg.dim))
         self.residual_EE = None  # MoE++ gating residual: enable_gating_residual()
+        # LocMoE: the experts on this rank's node (the EP placement sets them; None: all local)
+        self.home_experts: range | None = None
         # Aux-loss-free balancing state: the bias (selection only) and this step's loads.
         self.register_buffer("expert_bias_E", torch.zeros(E), persistent=True)
         self.register_buffer("step_load_E", torch.zeros(E, dtype=torch.float32), persistent=False)
@@ -84,20 +88,14 @@ class TopKRouter(Router):
         token_ids_T: Tensor | None = None,
         noise: TokenNoise | None = None,
         previous_logits_TE: Tensor | None = None,
-        step: int = 0,
     ) -> RouterOutput:
-        """``previous_logits_TE``: the previous MoE layer's logits (gating residual); ``step``:
-        the optimizer step, for the schedules."""
+        """``previous_logits_TE``: the previous MoE layer's logits (gating residual)."""
         # fp32 router math even under autocast (which would run F.linear in bf16)
         with torch.autocast(x_TD.device.type, enabled=False):
-            return self._route(x_TD, noise, previous_logits_TE, step)
+            return self._route(x_TD, noise, previous_logits_TE)
 
     def _route(
-        self,
-        x_TD: Tensor,
-        noise: TokenNoise | None,
-        previous_logits_TE: Tensor | None = None,
-        step: int = 0,
+        self, x_TD: Tensor, noise: TokenNoise | None, previous_logits_TE: Tensor | None = None
     ) -> RouterOutput:
         cfg = self.cfg
         x = x_TD.float()
@@ -116,19 +114,23 @@ class TopKRouter(Router):
             choice_TE = choice_TE + self.expert_bias_E
         if cfg.num_groups > 1:
             choice_TE = mask_to_top_groups(choice_TE, cfg.num_groups, cfg.topk_groups)
+        choice_TE = add_locality_bias(cfg, choice_TE, self.home_experts)  # LocMoE
+        if cfg.max_node_groups is not None:  # DeepSeek-V3's node-limited routing
+            choice_TE = mask_to_top_groups(
+                choice_TE, cfg.num_node_groups, cfg.max_node_groups, group_best(cfg)
+            )
         active_TK = None
-        temperature = dense_temperature(cfg, step)
-        if temperature is not None:  # EvoMoE's dense-to-sparse gate, while it lasts
+        tau = self.gate_temperature(x.device) if cfg.dense_to_sparse_steps is not None else None
+        if tau is not None:  # EvoMoE's dense-to-sparse gate, while it lasts
             gumbel_TE = None
             if self.training:
                 noise = TokenNoise.local(x.shape[0], x.device) if noise is None else noise
-                gumbel_TE = gumbel(noise, logits_TE.shape[-1])
-            tau = self.gate_temperature(temperature, x.device)
+                gumbel_TE = self.gumbel_draws(noise, logits_TE.shape[-1])
             ids_TE, weights_TE, active_TE = dense_select(cfg, logits_TE, tau, gumbel_TE)
             return RouterOutput(ids_TE, weights_TE, logits_TE, probs_TE, active_TE)
         if cfg.top_p is None:
             topk_ids_TK = _stable_topk_indices(choice_TE, cfg.top_k)
-            k = scheduled_top_k(cfg, step)
+            k = cfg.top_k if cfg.top_k_schedule_steps is None else self.scheduled_k()
             if k < cfg.top_k:  # SMoE-Dropout's schedule: the first k slots carry routes
                 active_TK = torch.arange(cfg.top_k, device=x.device) < k
                 active_TK = active_TK.expand_as(topk_ids_TK)
@@ -144,9 +146,23 @@ class TopKRouter(Router):
         recompilation every step)."""
         return noise.uniform(noise_streams.JITTER, width)
 
-    def gate_temperature(self, temperature: float, device: torch.device) -> Tensor:
-        """The dense gate's temperature as a 0-dim tensor. Eager under ``train.compile``: it
-        changes every step, and a traced float would be a guard (a recompilation per step)."""
+    def gumbel_draws(self, noise: TokenNoise, width: int) -> Tensor:
+        """The dense gate's [T, width] Gumbel noise; eager under ``train.compile`` as
+        :meth:`jitter_draws` is."""
+        return gumbel(noise, width)
+
+    def scheduled_k(self) -> int:
+        """The top-k schedule's k at ``self.step``. Eager under ``train.compile``: a traced step
+        number would be a guard (a recompilation per step; k itself changes a few times)."""
+        return scheduled_top_k(self.cfg, self.step)
+
+    def gate_temperature(self, device: torch.device) -> Tensor | None:
+        """The dense gate's temperature at ``self.step`` as a 0-dim tensor, None once the gate is
+        sparse. Eager under ``train.compile``: it changes every step, and a traced float would
+        be a guard (a recompilation per step)."""
+        temperature = dense_temperature(self.cfg, self.step)
+        if temperature is None:
+            return None
         return torch.tensor(temperature, dtype=torch.float32, device=device)
 
     def _scores(self, logits_TE: Tensor) -> Tensor:
@@ -204,15 +220,18 @@ class TopKRouter(Router):
         return load_E
 
 
-def mask_to_top_groups(scores_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
+def mask_to_top_groups(
+    scores_TE: Tensor, num_groups: int, topk_groups: int, best: int | None = None
+) -> Tensor:
     """Keep the experts of each token's best ``topk_groups`` groups; others get -inf.
 
-    A group's score is the sum of its two best expert scores (its best score when a group has a
-    single expert), as in DeepSeek-V3. Ties between groups go to the lower group index.
+    A group's score is the sum of its ``best`` best expert scores (default: two, or one when a
+    group has a single expert, as in DeepSeek-V3's group-limited routing). Ties between groups
+    go to the lower group index.
     """
     T, E = scores_TE.shape
     grouped_TGe = scores_TE.view(T, num_groups, E // num_groups)
-    best = min(2, E // num_groups)
+    best = min(2, E // num_groups) if best is None else best
     group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(-1)
     top_groups_TM = _stable_topk_indices(group_score_TG, topk_groups)
     keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, top_groups_TM, True)

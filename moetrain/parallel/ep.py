@@ -20,7 +20,9 @@ Two options (``EPOptions``, from ``parallel.ep_overlap_chunks`` / ``parallel.ep_
   them (``moetrain.parallel.ep_overlap``); 1 runs dispatch, experts and combine one after the
   other.
 - the exchange: one flat all-to-all over the EP group, or the hierarchical (2-D) one whose
-  inter-node traffic only flows between peer ranks of the nodes (``moetrain.parallel.ep_comm``).
+  inter-node traffic only flows between peer ranks of the nodes (``moetrain.parallel.ep_comm``),
+  or the node-deduplicating one that sends a token once per destination node
+  (``moetrain.parallel.ep_dedup``, its own dispatcher).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from moetrain.ops import permute, unpermute
 from moetrain.parallel.ep_comm import EPExchange, FlatAllToAll, HostCounts, Splits, segment_order
 from moetrain.parallel.ep_overlap import overlapped_experts, plan_chunks
 
-A2A_MODES = ("flat", "hierarchical")
+A2A_MODES = ("flat", "hierarchical", "node_dedup")
+NODE_MODES = ("hierarchical", "node_dedup")  # need the ranks per node
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ class EPOptions:
             raise ValueError(f"overlap_chunks must be >= 1, got {self.overlap_chunks}")
         if self.a2a not in A2A_MODES:
             raise ValueError(f"a2a must be one of {A2A_MODES}, got {self.a2a!r}")
-        if self.a2a == "hierarchical" and (self.ranks_per_node or 0) < 1:
-            raise ValueError("the hierarchical all-to-all needs ranks_per_node >= 1")
+        if self.a2a in NODE_MODES and (self.ranks_per_node or 0) < 1:
+            raise ValueError(f"the {self.a2a} all-to-all needs ranks_per_node >= 1")
 
 
 class _Exchange(torch.autograd.Function):

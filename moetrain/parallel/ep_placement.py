@@ -5,7 +5,8 @@ the EP axis, and with expert tensor parallelism (``etp=tp``) a slice of each exp
 ETP axis; the rest of a stage's ranks (edp) hold replicas, FSDP-sharded by ``parallelize``.
 Tokens reach their experts through the all-to-all dispatcher
 (:class:`moetrain.parallel.ep.AllToAllDispatcher`), overlapped in ``parallel.ep_overlap_chunks``
-chunks over the flat or hierarchical exchange (``parallel.ep_a2a``).
+chunks over the flat or hierarchical exchange (``parallel.ep_a2a``), or through the
+node-deduplicating dispatcher (:class:`moetrain.parallel.ep_dedup.NodeDedupDispatcher`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from moetrain.moe.experts import EXPERT_F_DIM
 from moetrain.moe.layer import MoELayer
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.dims import LayoutError, ParallelDims, RankCoords
-from moetrain.parallel.ep import A2A_MODES, AllToAllDispatcher, EPOptions
+from moetrain.parallel.ep import A2A_MODES, NODE_MODES, AllToAllDispatcher, EPOptions
 from moetrain.parallel.ep_comm import HierarchicalAllToAll, NodeGroups
+from moetrain.parallel.ep_dedup import NodeDedupDispatcher
 from moetrain.parallel.placement import ExpertPlacement
 
 
@@ -54,11 +56,11 @@ class EPPlacement(ExpertPlacement):
 
     def ep_options(self) -> EPOptions:
         """The all-to-all dispatcher's options (after ``validate``)."""
-        hierarchical = self.values["ep_a2a"] == "hierarchical"
+        by_node = self.values["ep_a2a"] in NODE_MODES
         return EPOptions(
             self.values["ep_overlap_chunks"],
             self.values["ep_a2a"],
-            self.ranks_per_node if hierarchical else None,
+            self.ranks_per_node if by_node else None,
         )
 
     # --- layout level ---------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class EPPlacement(ExpertPlacement):
         if chunks < 1:
             _fail("parallel.ep_overlap_chunks", f"must be >= 1 (1 = no overlap), got {chunks}")
         if a2a not in A2A_MODES:
-            _fail("parallel.ep_a2a", f"must be flat or hierarchical, got {a2a!r}")
+            _fail("parallel.ep_a2a", f"must be one of {', '.join(A2A_MODES)}; got {a2a!r}")
         if per_node is not None and per_node < 1:
             _fail("parallel.ep_ranks_per_node", f"must be >= 1 or null, got {per_node}")
         if dims.ep == 1:
@@ -117,14 +119,20 @@ class EPPlacement(ExpertPlacement):
                         "applies to expert-parallel layouts only (parallel.ep > 1)",
                     )
             return
-        if a2a == "hierarchical":
+        if a2a in NODE_MODES:
             if self.ranks_per_node is None:
                 _fail(
                     "parallel.ep_ranks_per_node",
-                    "parallel.ep_a2a=hierarchical needs the ranks per node: set it, or launch "
+                    f"parallel.ep_a2a={a2a} needs the ranks per node: set it, or launch "
                     "with torchrun (which sets LOCAL_WORLD_SIZE)",
                 )
             dims.ep_node_layout(self.ranks_per_node or 0)
+        if a2a == "node_dedup" and chunks > 1:
+            _fail(
+                "parallel.ep_overlap_chunks",
+                "parallel.ep_a2a=node_dedup runs its two levels in turn: set 1, or use "
+                "parallel.ep_a2a=flat or hierarchical for overlapped chunks",
+            )
 
     def describe(self, dims: ParallelDims) -> str:
         v = self.values
@@ -137,7 +145,7 @@ class EPPlacement(ExpertPlacement):
 
     def setup(self, ctx: ParallelContext) -> None:
         options = self.ep_options()
-        if ctx.dims.ep > 1 and options.a2a == "hierarchical":
+        if ctx.dims.ep > 1 and options.a2a in NODE_MODES:
             assert options.ranks_per_node is not None
             self._node_groups = ctx.ep_node_groups(options.ranks_per_node)  # collective
 
@@ -145,6 +153,14 @@ class EPPlacement(ExpertPlacement):
         """Shard the routed experts: E over the EP axis, F over the ETP axis; EP > 1 dispatches
         through the all-to-all."""
         apply_ep(layer, ctx, self.ep_options(), self._node_groups)
+        if layer.cfg.locality_bias > 0 and ctx.dims.ep > 1:  # LocMoE: this rank's node
+            per_node = self.ranks_per_node
+            assert per_node is not None  # config validation requires it
+            nodes, local = ctx.dims.ep_node_layout(per_node)
+            ep_rank = dist.get_rank(ctx.expert_group("ep"))
+            n = layer.cfg.num_experts // nodes
+            node = ep_rank // local
+            layer.router.home_experts = range(node * n, (node + 1) * n)  # type: ignore[assignment]
 
 
 def apply_ep(
@@ -166,9 +182,12 @@ def apply_ep(
     if dims.ep > 1:
         group = ctx.expert_group("ep")
         comm = None
-        if node_groups is not None:
-            comm = HierarchicalAllToAll(node_groups, dist.get_rank(group))
-        layer.dispatcher = AllToAllDispatcher(E, group, options.overlap_chunks, comm)
+        if node_groups is not None and options.a2a == "node_dedup":
+            layer.dispatcher = NodeDedupDispatcher(E, node_groups, dist.get_rank(group))
+        else:
+            if node_groups is not None:
+                comm = HierarchicalAllToAll(node_groups, dist.get_rank(group))
+            layer.dispatcher = AllToAllDispatcher(E, group, options.overlap_chunks, comm)
     axes = tuple(a for a, n in (("ep", dims.ep), ("etp", dims.etp)) if n > 1)
     mesh = ctx.meshes.experts[axes]
     for name, f_dim in EXPERT_F_DIM.items():

@@ -10,6 +10,7 @@ from moetrain.parallel.dims import DENSE_AXES, EXPERT_AXES, ParallelDims
 from moetrain.parallel.placement import ExpertPlacement, experts_share, placement_class
 
 if TYPE_CHECKING:
+    from moetrain.moe.config import MoEConfig
     from moetrain.parallel.memory_plan import MemoryPlan
 
 
@@ -114,3 +115,36 @@ def describe_memory(plan: MemoryPlan, gpu_memory_gb: float) -> str:
         f"peak RSS {plan.peak_rss_mb:.0f} MB; every parameter stayed on meta",
     ]
     return "\n".join(lines)
+
+
+def describe_node_traffic(
+    moe: MoEConfig, dims: ParallelDims, a2a: str, ranks_per_node: int | None, tokens: int
+) -> str | None:
+    """One line on the inter-node token traffic of one MoE layer call for a rank's micro-batch
+    of ``tokens`` tokens, per exchange (dispatch, combine and their gradients), at fp32: the
+    bound node-limited routing gives with the node-deduplicating exchange, or the
+    per-assignment rows of the others. None when there is nothing to say."""
+    from moetrain.moe.node_routing import node_limit_bound
+
+    M, G = moe.max_node_groups, moe.num_node_groups
+    limit = "" if M is None else f"node-limited routing: <= {M} of {G} node groups per token; "
+    if dims.ep == 1 or not ranks_per_node:
+        if M is None:
+            return None
+        return f"{limit}no expert parallelism across nodes here: no inter-node token rows"
+    nodes, _ = dims.ep_node_layout(ranks_per_node)
+    if nodes == 1:
+        return f"{limit}one node per EP group: no inter-node token rows" if M else None
+    if a2a == "node_dedup":
+        per_token, width = node_limit_bound(moe, nodes), moe.dim + 2 * moe.num_experts
+        how = f"node_dedup: <= {per_token} row(s) of {width} values per token"
+    else:
+        per_token, width = moe.top_k, moe.dim
+        how = f"{a2a}: up to top_k={per_token} rows of {width} values per token (one per expert)"
+        if M is not None:
+            how += "; parallel.ep_a2a=node_dedup would bound it by the node groups"
+    mib = tokens * per_token * width * 4 / 2**20
+    return (
+        f"{limit}inter-node rows per MoE layer call over {nodes} nodes per EP group: {how}; "
+        f"<= {mib:.2f} MiB per exchange for {tokens} tokens per rank (fp32)"
+    )

@@ -246,6 +246,30 @@ def test_micro_batches_and_steps_do_not_recompile(fresh_dynamo):
     assert compiled_after_step == [compiled_after_step[0]] * 3
 
 
+@pytest.mark.parametrize(
+    ("moe", "changes"),
+    [(dict(dense_to_sparse_steps=4), [4]), (dict(top_k=3, top_k_schedule_steps=4), [2, 4])],
+    ids=["dense_to_sparse", "top_k_schedule"],
+)
+def test_routing_schedules_recompile_only_when_their_rule_changes(moe, changes, fresh_dynamo):
+    """The dense gate's temperature changes every step (a tensor, never a guard); the top-k
+    schedule's k and the gate's end change at a few steps (steps ``changes``): only those may
+    compile again."""
+    model = small_model(**moe)
+    apply_compile(model.layers, backend="aot_eager")
+    tokens = torch.randint(0, 64, (2, 17))
+    compiled_after_step = []
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for step in range(7):
+            moe_layer(model).start_step(step)
+            for _ in range(2):  # a later micro-batch of a step is no new case either
+                logits = model(tokens[:, :-1])
+                F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            compiled_after_step.append(counters["frames"]["total"])
+    grew = [s for s in range(1, 7) if compiled_after_step[s] > compiled_after_step[s - 1]]
+    assert set(grew) <= set(changes), (grew, compiled_after_step)
+
+
 @pytest.mark.slow  # cold inductor compile of a dense and an MoE block, train and eval: ~40 s
 def test_compiled_training_matches_eager(data_dir, fresh_dynamo):
     """``train.compile=true`` through the trainer (inductor): four SGD steps of 4 micro-batches

@@ -60,6 +60,31 @@ CASES = {
         dict(expert_choice="sequence", capacity_factor=1.0),
         {"grouped_mm": [], "loop": []},
     ),
+    # routing policies: rectified and filled-in slots are masks too; the schedules and the
+    # adaptive coefficient keep their step state on the host or the device, never read back
+    "rectify_adaptive": (
+        dict(
+            capacity_factor=0.5,
+            min_capacity=0,
+            expert_groups=2,
+            rectify_intra_group=True,
+            rectify_fill_in=True,
+            adaptive_aux_smoothing=0.9,
+        ),
+        {"grouped_mm": [KEPT_ROWS], "loop": [KEPT_ROWS]},
+    ),
+    "node_limited_locality": (
+        dict(num_node_groups=2, max_node_groups=1, locality_bias=0.1),
+        {"grouped_mm": [], "loop": [LOOP_SPLITS]},
+    ),
+    "dense_to_sparse": (
+        dict(dense_to_sparse_steps=4),
+        {"grouped_mm": [KEPT_ROWS], "loop": [KEPT_ROWS]},
+    ),
+    "top_k_schedule": (
+        dict(top_k_schedule_steps=4, freeze_router=True),
+        {"grouped_mm": [KEPT_ROWS], "loop": [KEPT_ROWS]},
+    ),
 }
 
 

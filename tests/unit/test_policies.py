@@ -154,6 +154,19 @@ OPTIONS = {
     "top_k_schedule_capacity": dict(
         top_k=3, top_k_schedule_steps=4, capacity_factor=1.0, min_capacity=0, freeze_router=True
     ),
+    "node_limited_capacity_rectify": dict(
+        num_experts=8,
+        top_k=3,
+        num_node_groups=4,
+        max_node_groups=2,
+        capacity_factor=1.0,
+        min_capacity=0,
+        expert_groups=2,
+        rectify_intra_group=True,
+    ),
+    "node_limited_locality": dict(
+        num_experts=8, top_k=2, num_node_groups=2, max_node_groups=1, locality_bias=0.3
+    ),
     "adaptive_aux_sequence": dict(
         adaptive_aux_smoothing=0.5, adaptive_aux_sensitivity=1.0, aux_loss_scope="sequence"
     ),
@@ -170,7 +183,11 @@ POLICY_KEYS = {
     "freeze_router",
     "adaptive_aux_smoothing",
     "adaptive_aux_sensitivity",
+    "num_node_groups",
+    "max_node_groups",
+    "locality_bias",
 }
+HOME = range(4, 8)  # the locality option's node: experts 4-7 (the placement sets it under EP)
 
 
 def build(kw: dict, seed: int = 0, sharpen: float = 40.0) -> MoELayer:
@@ -178,6 +195,8 @@ def build(kw: dict, seed: int = 0, sharpen: float = 40.0) -> MoELayer:
     layer = MoELayer(moe(**kw), layer_idx=0)
     with torch.no_grad():  # sharper router scores: distinct choices, real drops
         layer.router.weight_ED.mul_(sharpen)
+    if kw.get("locality_bias"):
+        layer.router.home_experts = HOME
     return layer
 
 
@@ -234,6 +253,34 @@ def test_every_option_is_live():
         assert not torch.allclose(layer(x), base(x), atol=1e-4), option
         if kw.get("rectify_intra_group"):
             assert int(layer.last_stats.num_dropped) < int(base.last_stats.num_dropped), option
+
+
+def test_node_limited_routing_by_hand():
+    from moetrain.moe.topk_router import TopKRouter
+
+    # 6 experts in 3 node groups {0,1} {2,3} {4,5}; top-2 within M=1 group: ceil(2/1) = 2 best
+    cfg = moe(num_experts=6, top_k=2, num_node_groups=3, max_node_groups=1)
+    router = TopKRouter(cfg)
+    scores = torch.tensor([[0.30, 0.00, 0.20, 0.19, 0.16, 0.15]])  # group sums .30 .39 .31
+    with torch.no_grad():
+        router.weight_ED.zero_()
+    router._scores = lambda _: scores  # the selection rule on given scores
+    out = router(torch.zeros(1, D))
+    assert sorted(out.topk_ids_TK.flatten().tolist()) == [2, 3]  # not expert 0, the best one
+    # M=2 over top-3: ceil(3/2) = 2 best per group: groups 1 and 2 (.39, .31) beat group 0 (.30)
+    cfg3 = moe(num_experts=6, top_k=3, num_node_groups=3, max_node_groups=2)
+    router3 = TopKRouter(cfg3)
+    router3._scores = lambda _: scores
+    assert sorted(router3(torch.zeros(1, D)).topk_ids_TK.flatten().tolist()) == [2, 3, 4]
+    # a locality bonus on the node of experts 4-5 wins the group
+    cfg_b = moe(num_experts=6, top_k=2, num_node_groups=3, max_node_groups=1, locality_bias=0.1)
+    router_b = TopKRouter(cfg_b)
+    router_b._scores = lambda _: scores
+    router_b.home_experts = range(4, 6)
+    out_b = router_b(torch.zeros(1, D))
+    assert sorted(out_b.topk_ids_TK.flatten().tolist()) == [4, 5]
+    # selection only: the weights stay the router's scores, renormalized
+    torch.testing.assert_close(out_b.topk_weights_TK, torch.tensor([[0.16, 0.15]]) / 0.31)
 
 
 def test_the_schedules_end_in_the_plain_router():
@@ -312,6 +359,15 @@ def test_adaptive_coefficient_follows_the_layers_drop_rate_and_is_checkpointed()
         (dict(freeze_router=True, router_type="random"), "model.moe.freeze_router"),
         (dict(adaptive_aux_smoothing=1.0), "model.moe.adaptive_aux_smoothing"),
         (dict(adaptive_aux_sensitivity=-1.0), "model.moe.adaptive_aux_sensitivity"),
+        (dict(num_node_groups=3), "model.moe.num_node_groups"),
+        (dict(max_node_groups=1), "model.moe.max_node_groups: needs model.moe.num_node_groups"),
+        (dict(num_node_groups=4, max_node_groups=5), "model.moe.max_node_groups"),
+        (dict(num_node_groups=4, max_node_groups=1, top_k=2), "fewer than top_k=2"),
+        (dict(num_node_groups=2, locality_bias=-0.1), "model.moe.locality_bias"),
+        (
+            dict(num_node_groups=2, max_node_groups=1, num_groups=2, topk_groups=1),
+            "does not combine with num_groups",
+        ),
     ],
 )
 def test_bad_settings_are_one_line(kw, named):
