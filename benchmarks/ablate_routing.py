@@ -13,7 +13,11 @@ learns to spend: that is the option).
 from __future__ import annotations
 
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -48,7 +52,49 @@ OPTIONS: dict[str, tuple[str, list[str]]] = {
         "expert-choice per sequence, capacity factor 1.0 (non-causal)",
         ["model.moe.expert_choice=sequence", "model.moe.capacity_factor=1.0"],
     ),
+    # routing research II; {fifth} and {half} are the run's steps // 5 and // 2
+    "rectify": (
+        "Rectify-Router: capacity factor 1.0, intra-group (groups of 4) and fill-in",
+        [
+            "model.moe.capacity_factor=1.0",
+            "model.moe.expert_groups=4",
+            "model.moe.rectify_intra_group=true",
+            "model.moe.rectify_fill_in=true",
+        ],
+    ),
+    "dense_to_sparse": (
+        "EvoMoE: dense-to-sparse gate for the first fifth (tau 2 -> 0.3, threshold 0.05)",
+        ["model.moe.dense_to_sparse_steps={fifth}"],
+    ),
+    "top_k_schedule": (
+        "SMoE-Dropout: frozen random router, k 1 -> 2 over the first half",
+        [
+            "model.moe.top_k_schedule_steps={half}",
+            "model.moe.top_k_start=1",
+            "model.moe.freeze_router=true",
+        ],
+    ),
+    "adaptive_aux": (
+        "Skywork-MoE: adaptive per-layer aux coefficients (beta 0.9, xi 0.1) from 0.01",
+        ["model.moe.adaptive_aux_smoothing=0.9", "model.moe.adaptive_aux_sensitivity=0.1"],
+    ),
+    "node_limited": (
+        "DeepSeek-V3: 2 node groups of 4 experts, each token within 1",
+        ["model.moe.num_node_groups=2", "model.moe.max_node_groups=1"],
+    ),
+    "locality": (
+        "LocMoE: node-limited + locality bias 0.1 at ep2 over 2 simulated nodes (2 processes)",
+        [
+            "model.moe.num_node_groups=2",
+            "model.moe.max_node_groups=1",
+            "model.moe.locality_bias=0.1",
+            "parallel.ep=2",
+            "parallel.ep_ranks_per_node=1",
+        ],
+    ),
 }
+# options that only mean something across ranks: run under torchrun with this many processes
+PROCESSES = {"locality": 2}
 
 
 @dataclass
@@ -69,26 +115,62 @@ def _mean_layers(rows: list[dict], key: str) -> float:
     return statistics.fmean(statistics.fmean(r[key]) for r in rows)
 
 
+def option_keys(name: str, steps: int) -> list[str]:
+    """The overrides of option ``name`` for a run of ``steps`` steps."""
+    return [k.format(fifth=max(steps // 5, 1), half=max(steps // 2, 1)) for k in OPTIONS[name][1]]
+
+
+def _torchrun(processes: int, overrides: list[str]) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc-per-node={processes}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "-m",
+        "moetrain.train",
+        *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"torchrun of {overrides} failed:\n{proc.stderr[-3000:]}")
+
+
 def train_one(name: str, overrides: list[str], common: list[str], out_dir: Path) -> Row:
-    """One training run of option ``name``; its row from metrics.jsonl."""
+    """One training run of option ``name`` (under torchrun for the options of ``PROCESSES``);
+    its row from metrics.jsonl."""
     from moetrain.moe.routes import NonCausalRoutingWarning
     from moetrain.train.cli import compose_config, setup
+    from moetrain.train.run_meta import val_history
 
-    description, keys = OPTIONS[name]
+    description = OPTIONS[name][0]
+    steps = int(next(c for c in common if c.startswith("train.steps=")).split("=")[1])
+    keys = option_keys(name, steps)
     run_dir = out_dir / name
+    all_overrides = [*common, *keys, *overrides, f"run.dir={run_dir}"]
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonCausalRoutingWarning)  # the table says so
-        _, _, trainer = setup(compose_config([*common, *keys, *overrides, f"run.dir={run_dir}"]))
-        result = trainer.run()
+    if name in PROCESSES:  # the same micro-batches, spread over the processes
+        _torchrun(PROCESSES[name], all_overrides)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonCausalRoutingWarning)  # the table says so
+            _, _, trainer = setup(compose_config(all_overrides))
+            trainer.run()
     seconds = time.perf_counter() - start
+    val_loss = val_history(run_dir / "metrics.jsonl")[-1][1]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "tokens_per_s" in r and "loss" in r]
     steady = train_rows[1:] or train_rows  # the first interval holds start-up
     return Row(
         option=name,
         description=description,
-        val_loss=result.val_losses[-1][1],
+        val_loss=val_loss,
         experts_per_token=_mean_layers(train_rows, "experts_per_token"),
         ffn_experts_per_token=_mean_layers(train_rows, "ffn_experts_per_token"),
         dropped_frac=statistics.fmean(r["dropped_frac"] for r in train_rows),
@@ -102,7 +184,8 @@ def common_overrides(steps: int, batch: int, seq_len: int, seed: int) -> list[st
     return [
         f"train.steps={steps}",
         f"train.global_batch_size={batch}",
-        f"train.micro_batch_size={min(batch, 4)}",
+        # half the batch at most: a 2-process option runs the same micro-batches
+        f"train.micro_batch_size={min(max(batch // 2, 1), 4)}",
         f"train.seq_len={seq_len}",
         f"train.seed={seed}",
         "train.eval_interval=0",  # the final evaluation only

@@ -7,11 +7,14 @@ no FFN expert, tokens/s).
         [Hydra overrides ...]
 
 Options (benchmarks/ablate_routing.py says how each matches the baseline's active compute):
-baseline, capacity, null_experts, zero_compute, top_p, expert_choice. The runs go to
-DIR/<option> (default runs/ablate_routing-<timestamp>); the table is also written to
-DIR/ablation.md (and DIR/ablation.json). Unless --no-spread, the baseline runs a second time
-with the next seed: its row is the seed-to-seed spread the other rows must beat. About 30
-minutes on 2 CPU cores with the defaults (7 runs of 500 steps x 2,048 tokens).
+baseline, capacity, null_experts, zero_compute, top_p, expert_choice (routing research I);
+rectify, dense_to_sparse, top_k_schedule, adaptive_aux, node_limited, locality (routing
+research II; locality runs at ep2 over 2 simulated nodes under torchrun, as the locality bias
+changes nothing in one process). The runs go to DIR/<option> (default
+runs/ablate_routing-<timestamp>); the table is also written to DIR/ablation.md (and
+DIR/ablation.json). Unless --no-spread, the baseline runs a second time with the next seed: its
+row is the seed-to-seed spread the other rows must beat. About an hour on 2 CPU cores with the
+defaults (13 runs of 500 steps x 2,048 tokens).
 
 Not a test: one seed, one short run per option; differences below the seed-to-seed spread
 (the baseline_seed+1 row) mean nothing.

@@ -13,14 +13,19 @@ import pytest
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "ablate_routing.py"
 # no peak-FLOP/s measurement at each run's start, one validation batch
-FAST = ["train.peak_flops_per_device=1e12", "train.eval_batches=1", "logging.progress_bar=false"]
+FAST = [
+    "train.peak_flops_per_device=1e12",
+    "train.eval_batches=1",
+    "logging.progress_bar=false",
+    "train.log_interval=1",  # every step's row: the schedule's first step too
+]
 
 
 @pytest.mark.timeout(240)
 def test_ablation_rows_measure_each_option(tmp_path):
     out = tmp_path / "abl"
     args = ["--steps", "2", "--batch", "4", "--seq-len", "16", "--out", str(out), "--json"]
-    options = "baseline,capacity,null_experts,expert_choice"
+    options = "baseline,capacity,null_experts,expert_choice,rectify,top_k_schedule,locality"
     proc = subprocess.run(
         [sys.executable, str(TOOL), "--options", options, *args, *FAST],
         capture_output=True,
@@ -41,6 +46,12 @@ def test_ablation_rows_measure_each_option(tmp_path):
     assert null["experts_per_token"] == 3.0 and null["ffn_experts_per_token"] < 3.0
     ec = rows["expert_choice"]  # every expert takes ceil(16 * 2 / 8) = 4 tokens per sequence
     assert ec["ffn_experts_per_token"] == 2.0 and ec["dropped_frac"] == 0
+    # intra-group rectification moves dropped slots to experts with room
+    assert rows["rectify"]["dropped_frac"] < rows["capacity"]["dropped_frac"]
+    assert rows["top_k_schedule"]["experts_per_token"] < 2.0  # k = 1 for the first step
+    # ep2 over 2 simulated nodes under torchrun: its own run, node-limited routing's width
+    assert rows["locality"]["experts_per_token"] == 2.0
+    assert rows["locality"]["val_loss"] not in (base["val_loss"], rows["capacity"]["val_loss"])
     assert rows["baseline_seed+1"]["val_loss"] != base["val_loss"]
     assert all(r["tokens_per_s"] > 0 and r["val_loss"] > 0 for r in rows.values())
     table = (out / "ablation.md").read_text()
