@@ -12,6 +12,11 @@ if TYPE_CHECKING:
     from moetrain.models import Transformer
 
 
+# model state that is training state (the adaptive aux coefficients): loading weights from a
+# source without it (init_from, a hub or Megatron checkpoint) keeps its initial value
+FRESH_STATE = ".adaptive_aux.coeff"
+
+
 def empty_model(cfg: ModelConfig) -> Transformer:
     """A :class:`~moetrain.models.Transformer` of ``cfg`` on the CPU whose checkpointed tensors
     are allocated but hold garbage until a checkpoint fills them: built on the meta device, so no

@@ -84,7 +84,7 @@ def _attention_from(cfg: ModelConfig, get: Getter) -> dict[str, Tensor]:
     return out
 
 
-def _moe_from(cfg: ModelConfig, get: Getter) -> dict[str, Tensor]:
+def _moe_from(cfg: ModelConfig, get: Getter, moe_idx: int) -> dict[str, Tensor]:
     m = cfg.moe
     router = get("mlp.router.weight")
     bias = get("mlp.router.expert_bias") if m.bias_update_rate is not None else None
@@ -96,6 +96,8 @@ def _moe_from(cfg: ModelConfig, get: Getter) -> dict[str, Tensor]:
         "experts.w3_EFD": w3.contiguous(),
         "experts.w2_EDF": get(EXPERT_FC2),
     }
+    if m.adaptive_aux_smoothing is not None:  # training state Megatron lacks: the start value
+        out["adaptive_aux.coeff"] = torch.tensor(m.aux_coeff_for_layer(moe_idx))
     if m.num_shared_experts:
         s1, s3 = get("mlp.shared_experts.linear_fc1.weight").chunk(2, dim=0)
         out["shared_experts.w1_HD"], out["shared_experts.w3_HD"] = s1, s3
@@ -115,6 +117,7 @@ def state_from_megatron(cfg: ModelConfig, get: Getter) -> dict[str, Tensor]:
     out = {"tok_embeddings.weight": get(EMBEDDING), "norm.weight": get(FINAL_NORM)}
     if not cfg.tie_embeddings:
         out["output.weight"] = get(OUTPUT)
+    moe_idx = 0
     for i in range(cfg.num_layers):
 
         def in_layer(*names: str, _i: int = i) -> Tensor:
@@ -123,7 +126,11 @@ def state_from_megatron(cfg: ModelConfig, get: Getter) -> dict[str, Tensor]:
         ours = f"layers.{i}."
         out.update({ours + k: t for k, t in _attention_from(cfg, in_layer).items()})
         out[ours + "ffn_norm.weight"] = in_layer(*MLP_NORM)
-        ffn = _moe_from(cfg, in_layer) if cfg.is_moe_layer(i) else _dense_from(in_layer)
+        if cfg.is_moe_layer(i):
+            ffn = _moe_from(cfg, in_layer, moe_idx)
+            moe_idx += 1
+        else:
+            ffn = _dense_from(in_layer)
         out.update({f"{ours}feed_forward.{k}": t for k, t in ffn.items()})
     return out
 

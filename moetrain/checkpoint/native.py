@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.futures import Future
 
 from moetrain.checkpoint.atomic import TMP_PREFIX, atomic_dir, fsync_dir, write_text_files
-from moetrain.checkpoint.build import empty_model
+from moetrain.checkpoint.build import FRESH_STATE, empty_model
 from moetrain.checkpoint.checksums import CHECKSUMS, checksums, verify
 from moetrain.checkpoint.errors import CheckpointError
 from moetrain.checkpoint.io_stats import add_bytes_read
@@ -295,9 +295,14 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     """``checkpoint.init_from`` for a native checkpoint: model weights only, any layout."""
     _require_intact(path, "checkpoint.init_from")
     state = {"model": get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))}
+    # training state a checkpoint of another config may lack keeps its initial value
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    fresh = [k for k in state["model"] if k.endswith(FRESH_STATE) and f"model.{k}" not in saved]
+    for key in fresh:
+        del state["model"][key]
     with _single_process_ok():
         _dcp_load(state, path)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not fresh))
 
 
 def load_native_model(path: str | os.PathLike, setting: str = "load_model") -> Transformer:

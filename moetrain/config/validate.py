@@ -206,6 +206,12 @@ def _validate_node_groups(cfg: Config, dims: ParallelDims) -> None:
         )
     if dims.ep == 1:
         return  # every expert on every rank: the groups are the config's alone
+    if moe.locality_bias > 0 and dims.tp > 1:
+        _fail(
+            "model.moe.locality_bias",
+            "tensor-parallel ranks route each micro-batch together, and theirs may sit on "
+            "different nodes (no one 'own node' per token): use parallel.tp=1 with it",
+        )
     per_node = p.ep_ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
     if not per_node:
         _fail(
@@ -239,6 +245,17 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
     dims.validate_model(m, p.pp_virtual_stages)
     if m.num_moe_layers:
         _validate_node_groups(cfg, dims)
+        if p.ep_a2a == "node_dedup" and dims.ep > 1:
+            for key, bad in (
+                ("pad_to_capacity", m.moe.pad_to_capacity),
+                ("expert_choice", m.moe.expert_choice is not None),
+            ):
+                if bad:
+                    _fail(
+                        f"model.moe.{key}",
+                        "pads every expert to fixed rows, which parallel.ep_a2a=node_dedup "
+                        "does not; use parallel.ep_a2a=flat or hierarchical",
+                    )
     if m.tie_embeddings and (dims.tp > 1 or dims.pp > 1):
         _fail(
             "model.tie_embeddings",

@@ -195,7 +195,7 @@ class MoELayer(nn.Module):
         self.routing_step.start(step)
         self._residual_inputs = []
         if self.router.uses_step:  # the routing schedules (moetrain.moe.policies)
-            self.router.step = step  # type: ignore[assignment]
+            self.router.set_step(step)  # type: ignore[operator]
 
     def _check_input(self, x: Tensor) -> None:
         dim = self.cfg.dim
@@ -258,11 +258,11 @@ class MoELayer(nn.Module):
         record = self.training and not recompute
         routing, plan = self._plan(routed, seq_len)
         if record:  # aux-loss-free balancing counts assignments, or kept ones (bias_load)
-            ids = routed.topk_ids_TK
+            ids, counted = routed.topk_ids_TK, routed.active_TK  # the slots that carry a route
             if plan.dropped_TK is not None and cfg.bias_load == "kept":
-                self.router.record_load(ids, ~plan.dropped_TK)
-            else:
-                self.router.record_load(ids)
+                kept = ~plan.dropped_TK
+                counted = kept if counted is None else counted & kept
+            self.router.record_load(ids, counted)
             if self.adaptive_aux is not None:  # the step's load, before dropping
                 self.adaptive_aux.record(self._ffn_counts(ids, plan.ffn_TK))
         lb_loss, zl = self._aux_losses(routed, seq_len, call, recompute)

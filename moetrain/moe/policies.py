@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from moetrain.moe import noise as noise_streams
 from moetrain.moe.aux_losses import CountReduce
 from moetrain.moe.noise import TokenNoise
+from moetrain.moe.router import apply_keeping_fp32
 from moetrain.moe.routes import combine_weights
 
 if TYPE_CHECKING:
@@ -154,8 +155,8 @@ def dense_temperature(cfg: MoEConfig, step: int) -> float | None:
 
 def gumbel(noise: TokenNoise, width: int) -> Tensor:
     """[T, width] standard Gumbel draws ``-log(-log(u))`` from the counter-keyed uniforms
-    (``u`` moved off 0 by half a 24-bit step)."""
-    u = noise.uniform(noise_streams.DENSE_GATE, width) + 2.0**-25
+    (k / 2**24, k < 2**24: at most 1 - 2**-24, so finite; 0 is moved to half a step)."""
+    u = noise.uniform(noise_streams.DENSE_GATE, width).clamp(min=2.0**-25)
     return -torch.log(-torch.log(u))
 
 
@@ -230,7 +231,8 @@ class AdaptiveAuxCoefficient(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # a bf16 cast must not round the coefficient or the counts
-        super()._apply(fn, recurse)
-        self.coeff = self.coeff.float()
-        self.step_counts_E = self.step_counts_E.float()
+        names = ("coeff", "step_counts_E")
+        apply_keeping_fp32(
+            self, names, lambda: super(AdaptiveAuxCoefficient, self)._apply(fn, recurse)
+        )
         return self

@@ -8,20 +8,22 @@ applied after the first capacity pass, each switchable:
 - **Intra-group rectification** (``rectify_intra_group``): experts form contiguous groups of
   ``expert_groups`` experts. A slot ``(t, e)`` that capacity dropped moves to the expert of
   ``e``'s group with the highest router probability for ``t`` among the group's experts that
-  ``t`` did not select and that have room left after the first pass. One round: the moved slots
-  compete for the room in ``drop_policy`` order (``probs``: by their new weight), and a slot that
-  does not fit stays dropped. The slot's weight becomes ``w * p[t, e'] / p[t, e]`` (its
+  ``t`` did not select and that have room left after the first pass (a later slot of ``t``
+  whose best is an earlier one's stays dropped: one expert per token). One round: the moved
+  slots compete for the room in ``drop_policy`` order (``probs``: by their new weight), and a
+  slot that does not fit stays dropped. The slot's weight becomes ``w * p[t, e'] / p[t, e]`` (its
   weight scaled from the old expert's probability to the new one's). When a group lies on one
-  expert-parallel rank, the moved slot goes to the rank its dropped one was bound for: no row
-  is added to any all-to-all (the paper's *intra-GPU* rectification, with groups = ranks).
+  expert-parallel rank, the moved slot goes to the rank its dropped one was bound for: no new
+  destination, only the row capacity would have dropped before sending (the paper's
+  *intra-GPU* rectification, with groups = ranks).
 - **Fill-in rectification** (``rectify_fill_in``): every expert with ``r > 0`` rows of room left
   (after intra-group rectification, when on) takes the ``r`` tokens with the highest router
   probability for it among those that did not select it (ties to the earlier token), weighted
   ``p[t, e] * routed_scaling_factor``: the rows a padded expert would spend on padding compute
   real tokens. These are extra slots of the token (up to E more).
 
-Both act within a micro-batch (the capacity's scope), so every layout that routes whole
-micro-batches — expert, tensor, pipeline parallel, FSSDP — gives the single process's result.
+Both act within a micro-batch (the capacity's scope) before dispatch, so a layout that routes
+whole micro-batches gives the single process's result (tested at ep2 and ep4).
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ def validate_rectify(cfg: MoEConfig) -> None:
     ):
         if bad:
             _fail(name, f"rectifies plain top-k routing: it does not combine with {other}")
+    if cfg.bias_update_rate is not None and cfg.bias_load == "kept":
+        _fail(
+            name,
+            "does not combine with bias_load=kept (aux-loss-free balancing would count the "
+            "router's choices, not the rectified slots); use bias_load=assigned",
+        )
 
 
 def group_members(cfg: MoEConfig, ids_TK: Tensor) -> Tensor:
@@ -117,6 +125,9 @@ def intra_group(
     # the best candidate, ties to the lower expert id (a stable descending sort)
     best_TK = torch.sort(score_TKE, dim=-1, descending=True, stable=True).indices[..., 0]
     moved_TK = cand_TKE.any(-1)
+    for k in range(1, ids_TK.shape[1]):  # one expert per token: an earlier slot's target wins
+        taken = (moved_TK[:, :k] & (best_TK[:, :k] == best_TK[:, k : k + 1])).any(-1)
+        moved_TK[:, k] &= ~taken
     new_ids_TK = torch.where(moved_TK, best_TK, ids_TK)
     p_old_TK = probs_TE.gather(-1, ids_TK)
     p_new_TK = probs_TE.gather(-1, new_ids_TK)

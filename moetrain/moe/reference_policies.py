@@ -43,7 +43,7 @@ def dense_choice(
     u = None
     if layer.training:
         noise = TokenNoise.local(T, logits.device) if noise is None else noise
-        u = noise.uniform(noise_streams.DENSE_GATE, E).double() + 2.0**-25
+        u = noise.uniform(noise_streams.DENSE_GATE, E).double().clamp(min=2.0**-25)
     chosen, weights = [], []
     for t in range(T):
         z = [logits[t, e] + (0.0 if u is None else -math.log(-math.log(u[t, e]))) for e in range(E)]
@@ -77,6 +77,7 @@ def rectify_slots(layer: MoELayer, chosen, weights, keep, probs: Tensor, C: int)
         assert N is not None
         moves = []
         for t, routes in enumerate(chosen):
+            targets: list[int] = []  # one expert per token: an earlier slot's target wins
             for k, e in enumerate(routes):
                 if keep[t][k]:
                     continue
@@ -85,6 +86,9 @@ def rectify_slots(layer: MoELayer, chosen, weights, keep, probs: Tensor, C: int)
                 if not cands:
                     continue
                 best = min(cands, key=lambda c: (-float(probs[t, c].detach()), c))
+                if best in targets:
+                    continue
+                targets.append(best)
                 w = weights[t][k] * probs[t, best] / probs[t, e]
                 moves.append((t, k, best, w))
         if cfg.drop_policy == "probs":

@@ -11,10 +11,11 @@ builds its router from ``model.moe.router_type`` through :mod:`moetrain.moe.rout
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from moetrain.moe.aux_losses import CountReduce
@@ -44,6 +45,22 @@ class RouterOutput:
     active_TK: Tensor | None = None
 
 
+def apply_keeping_fp32(module: nn.Module, names: tuple[str, ...], apply: Callable[[], Any]) -> None:
+    """Run ``apply()`` (``nn.Module._apply``: a cast or a move) without rounding the fp32
+    buffers ``names``: a cast to bf16 would round 0.01 to 0.010009765625 and lose the small
+    increments they accumulate, so they keep their fp32 values, moved where the cast put them."""
+    before = {name: module.get_buffer(name) for name in names}
+    apply()
+    for name, old in before.items():
+        new = module.get_buffer(name)
+        if new.dtype == torch.float32:
+            continue
+        if old.is_meta or new.is_meta:  # no values to keep (meta construction, to_empty)
+            setattr(module, name, new.float())
+        else:
+            setattr(module, name, old.to(device=new.device, dtype=torch.float32))
+
+
 class Router(nn.Module, ABC):
     """Base class of every MoE router.
 
@@ -58,8 +75,8 @@ class Router(nn.Module, ABC):
     ``draws_noise`` — stochastic: the layer passes ``noise=`` to :meth:`forward` (routers
     without it may keep the two-argument signature; an instance may set it from its config, so
     routers that draw only under some options build no noise keys otherwise); ``uses_step`` —
-    routing schedules: the layer sets the router's ``step`` attribute to the optimizer step at
-    each ``start_step`` (an instance flag too);
+    routing schedules: the layer calls the router's ``set_step(step)`` with the optimizer step
+    at each ``start_step`` (an instance flag too);
     ``eager_under_compile`` — names of methods that must run eagerly inside a compiled block
     (``train.compile`` wraps them in ``torch.compiler.disable``), e.g. host-side work whose
     Python values would otherwise become guards, recompiled on every change.

@@ -335,6 +335,8 @@ def research_options(cfg: MoEConfig) -> list[str]:
     or Megatron-LM architecture expresses them: exports refuse such models)."""
     # the entropy loss only trains the router: the model it leaves is an ordinary one
     names = [n for n in _options_in_use(cfg) if n != "entropy_loss_coeff"]
+    if cfg.max_node_groups is not None:  # node-limited selection: not DeepSeek-V3's group rule
+        names.append("max_node_groups")
     return [f"model.moe.{n}={getattr(cfg, n)} (routing research)" for n in names]
 
 

@@ -26,7 +26,7 @@ from moetrain.moe.aux_losses import CountReduce, expert_counts
 from moetrain.moe.node_routing import add_locality_bias, group_best
 from moetrain.moe.noise import TokenNoise
 from moetrain.moe.policies import dense_select, dense_temperature, gumbel, scheduled_top_k
-from moetrain.moe.router import Router, RouterOutput
+from moetrain.moe.router import Router, RouterOutput, apply_keeping_fp32
 from moetrain.moe.routes import combine_weights, top_p_select
 
 if TYPE_CHECKING:
@@ -42,10 +42,11 @@ class TopKRouter(Router):
 
     uses_expert_bias = True
     supports_groups = True
-    eager_under_compile = ("jitter_draws", "gumbel_draws", "scheduled_k", "gate_temperature")
+    eager_under_compile = ("jitter_draws", "gumbel_draws", "scheduled_k")
 
     expert_bias_E: Tensor
     step_load_E: Tensor
+    gate_tau: Tensor  # with dense_to_sparse_steps only
     residual_EE: nn.Parameter | None
 
     def __init__(self, cfg: MoEConfig) -> None:
@@ -57,6 +58,11 @@ class TopKRouter(Router):
             cfg.dense_to_sparse_steps is not None or cfg.top_k_schedule_steps is not None
         )
         self.step = 0
+        # the dense-to-sparse gate: its temperature lives on the device, set once per step
+        self.has_gate = cfg.dense_to_sparse_steps is not None
+        self.dense_phase = self.has_gate
+        if self.has_gate:
+            self.register_buffer("gate_tau", torch.ones(()), persistent=False)
         E = cfg.num_routes  # FFN experts, then null and zero-computation experts
         self.weight_ED = nn.Parameter(torch.empty(E, cfg.dim))
         self.residual_EE = None  # MoE++ gating residual: enable_gating_residual()
@@ -81,6 +87,19 @@ class TopKRouter(Router):
             nn.init.zeros_(self.residual_EE)
         self.expert_bias_E.zero_()
         self.step_load_E.zero_()
+        if self.has_gate:
+            self.gate_tau.fill_(dense_temperature(self.cfg, 0) or 1.0)
+
+    def set_step(self, step: int) -> None:
+        """Optimizer step ``step`` begins (the layer calls it): the schedules follow it. The
+        gate's temperature is written to its buffer here, outside any compiled code, so a forward
+        reads it without a host-to-device copy."""
+        self.step = step
+        if self.has_gate:
+            temperature = dense_temperature(self.cfg, step)
+            self.dense_phase = temperature is not None
+            if temperature is not None:
+                self.gate_tau.fill_(temperature)
 
     def forward(
         self,
@@ -120,13 +139,12 @@ class TopKRouter(Router):
                 choice_TE, cfg.num_node_groups, cfg.max_node_groups, group_best(cfg)
             )
         active_TK = None
-        tau = self.gate_temperature(x.device) if cfg.dense_to_sparse_steps is not None else None
-        if tau is not None:  # EvoMoE's dense-to-sparse gate, while it lasts
+        if self.has_gate and self.dense_phase:  # EvoMoE's dense-to-sparse gate, while it lasts
             gumbel_TE = None
             if self.training:
                 noise = TokenNoise.local(x.shape[0], x.device) if noise is None else noise
                 gumbel_TE = self.gumbel_draws(noise, logits_TE.shape[-1])
-            ids_TE, weights_TE, active_TE = dense_select(cfg, logits_TE, tau, gumbel_TE)
+            ids_TE, weights_TE, active_TE = dense_select(cfg, logits_TE, self.gate_tau, gumbel_TE)
             return RouterOutput(ids_TE, weights_TE, logits_TE, probs_TE, active_TE)
         if cfg.top_p is None:
             topk_ids_TK = _stable_topk_indices(choice_TE, cfg.top_k)
@@ -156,15 +174,6 @@ class TopKRouter(Router):
         number would be a guard (a recompilation per step; k itself changes a few times)."""
         return scheduled_top_k(self.cfg, self.step)
 
-    def gate_temperature(self, device: torch.device) -> Tensor | None:
-        """The dense gate's temperature at ``self.step`` as a 0-dim tensor, None once the gate is
-        sparse. Eager under ``train.compile``: it changes every step, and a traced float would
-        be a guard (a recompilation per step)."""
-        temperature = dense_temperature(self.cfg, self.step)
-        if temperature is None:
-            return None
-        return torch.tensor(temperature, dtype=torch.float32, device=device)
-
     def _scores(self, logits_TE: Tensor) -> Tensor:
         cfg = self.cfg
         if cfg.logit_norm_scale is not None:
@@ -193,9 +202,8 @@ class TopKRouter(Router):
 
     def _apply(self, fn, recurse=True):
         # .to(bf16) must not round the balancing state: 256 + 1 == 256 and 0.5 + 1e-3 == 0.5 in bf16
-        super()._apply(fn, recurse)
-        self.expert_bias_E = self.expert_bias_E.float()
-        self.step_load_E = self.step_load_E.float()
+        fp32 = ("expert_bias_E", "step_load_E", *(("gate_tau",) if self.has_gate else ()))
+        apply_keeping_fp32(self, fp32, lambda: super(TopKRouter, self)._apply(fn, recurse))
         return self
 
     @torch.no_grad()

@@ -102,7 +102,7 @@ class NodeDedupDispatcher:
     ) -> tuple[Tensor, Tensor | None]:
         if routing.pad_to_capacity is not None:
             raise ValueError(
-                "parallel.ep_a2a=node_dedup does not pad experts to capacity: set "
-                "model.moe.pad_to_capacity=false or use parallel.ep_a2a=flat"
+                "parallel.ep_a2a=node_dedup does not pad experts to fixed rows "
+                "(model.moe.pad_to_capacity, expert_choice): use parallel.ep_a2a=flat"
             )
         return run_sequentially(self, x_TD, routing, experts, overlap_fn)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moetrain.parallel.dims import DENSE_AXES, EXPERT_AXES, ParallelDims
+from moetrain.parallel.dims import DENSE_AXES, EXPERT_AXES, LayoutError, ParallelDims
 from moetrain.parallel.placement import ExpertPlacement, experts_share, placement_class
 
 if TYPE_CHECKING:
@@ -132,7 +132,10 @@ def describe_node_traffic(
         if M is None:
             return None
         return f"{limit}no expert parallelism across nodes here: no inter-node token rows"
-    nodes, _ = dims.ep_node_layout(ranks_per_node)
+    try:
+        nodes, _ = dims.ep_node_layout(ranks_per_node)
+    except LayoutError:  # EP groups not split evenly over nodes (a flat exchange still runs)
+        return f"{limit}EP groups are not split evenly over nodes: no per-node bound" if M else None
     if nodes == 1:
         return f"{limit}one node per EP group: no inter-node token rows" if M else None
     if a2a == "node_dedup":

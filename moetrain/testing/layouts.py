@@ -155,6 +155,16 @@ def train_steps_rank(
     return train_steps(data_dir, overrides, steps, run_dir=run_dir, checkpoint_at=checkpoint_at)
 
 
+def train_steps_each_rank(
+    rank: int, world: int, data_dir: str, runs: list[list[str]], steps: int
+) -> list[dict]:
+    """``run_distributed`` entry point for several configurations in one launch (the
+    processes start once): ``train_steps`` for each override list of ``runs``, in order."""
+    del rank, world
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return [train_steps(data_dir, overrides, steps) for overrides in runs]
+
+
 def merged_weights(results: list[dict]) -> dict[str, torch.Tensor]:
     """Union of the ranks' full parameters (pipeline stages hold different ones); ranks that
     hold the same parameter must agree exactly."""

@@ -14,7 +14,12 @@ from __future__ import annotations
 import pytest
 
 from moetrain.testing import run_distributed
-from moetrain.testing.layouts import assert_matches, train_steps, train_steps_rank, write_token_dir
+from moetrain.testing.layouts import (
+    assert_matches,
+    train_steps,
+    train_steps_each_rank,
+    write_token_dir,
+)
 
 OPTIONS = {
     "rectify_adaptive_aux": [
@@ -63,12 +68,15 @@ def test_each_option_changes_the_run(option, data_dir):
     assert got["loss"][1:] != pytest.approx(plain["loss"][1:], rel=1e-5)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("option", list(OPTIONS))
-def test_option_at_layout_equals_single_process(option, layout, data_dir):
+def test_options_at_layout_equal_single_process(layout, data_dir):
+    """One launch per layout runs every option in turn."""
     world, overrides = LAYOUTS[layout]
-    results = run_distributed(
-        train_steps_rank, world, data_dir, [*OPTIONS[option], *overrides], 3, timeout=200
-    )
-    assert_matches(results, reference(data_dir, option))
+    runs = [[*keys, *overrides] for keys in OPTIONS.values()]
+    per_rank = run_distributed(train_steps_each_rank, world, data_dir, runs, 3, timeout=280)
+    for i, option in enumerate(OPTIONS):
+        try:
+            assert_matches([results[i] for results in per_rank], reference(data_dir, option))
+        except AssertionError as err:
+            raise AssertionError(f"{option} at {layout}: {err}") from None

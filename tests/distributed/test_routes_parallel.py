@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from moetrain.testing import run_distributed
-from moetrain.testing.layouts import assert_matches, train_steps, train_steps_rank, write_token_dir
+from moetrain.testing.layouts import (
+    assert_matches,
+    train_steps,
+    train_steps_each_rank,
+    write_token_dir,
+)
 
 OPTIONS = {
     "null": ["model.moe.num_null_experts=4", "model.moe.top_k=3"],
@@ -70,17 +75,19 @@ def test_each_option_changes_the_run(option, data_dir):
     assert got["loss"][1:] != pytest.approx(plain["loss"][1:], rel=1e-5)
 
 
-ROWS = [(o, lay) for o in OPTIONS for lay in LAYOUTS if (o, lay) not in SKIP]
-
-
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize(("option", "layout"), ROWS)
-def test_option_at_layout_equals_single_process(option, layout, data_dir):
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_options_at_layout_equal_single_process(layout, data_dir):
+    """One launch per layout runs every option that applies there, in turn."""
     world, overrides = LAYOUTS[layout]
-    results = run_distributed(
-        train_steps_rank, world, data_dir, [*OPTIONS[option], *overrides], 3, timeout=200
-    )
-    assert_matches(results, reference(data_dir, option))
+    options = [o for o in OPTIONS if (o, layout) not in SKIP]
+    runs = [[*OPTIONS[o], *overrides] for o in options]
+    per_rank = run_distributed(train_steps_each_rank, world, data_dir, runs, 3, timeout=280)
+    for i, option in enumerate(options):
+        try:
+            assert_matches([results[i] for results in per_rank], reference(data_dir, option))
+        except AssertionError as err:
+            raise AssertionError(f"{option} at {layout}: {err}") from None
 
 
 # --- null and zero-computation experts send nothing ------------------------------------------

@@ -98,3 +98,50 @@ def test_a_verification_mismatch_removes_the_output(tmp_path, monkeypatch, capsy
     assert code == 1
     assert "verification failed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_adaptive_aux_coefficients_are_training_state(tmp_path):
+    """The adaptive coefficients (checkpointed training state) are not exported, and a model
+    that has them starts them at their static values when its weights come from a checkpoint,
+    a hub directory or Megatron tensors that lack them."""
+    from moetrain.checkpoint.hf.hub import load_hf_weights, save_hf
+    from moetrain.checkpoint.megatron_keys import state_from_megatron, state_to_megatron
+    from moetrain.checkpoint.native import load_model_weights
+
+    def adaptive() -> Transformer:
+        model = tiny()
+        cfg = model.cfg
+        moe = MoEConfig(
+            num_experts=4, top_k=2, dim=32, hidden_dim=24, adaptive_aux_smoothing=0.9,
+            aux_loss_coeff_per_layer=[0.02, 0.05],
+        )  # fmt: skip
+        torch.manual_seed(1)
+        return Transformer(type(cfg)(**{**cfg.__dict__, "moe": moe})).eval()
+
+    def coeffs(model: Transformer) -> list[float]:
+        return [float(layer.adaptive_aux.coeff) for layer in model.moe_layers()]
+
+    plain = tiny()
+    trained = adaptive()
+    for layer in trained.moe_layers():  # as after some steps
+        layer.adaptive_aux.coeff.fill_(0.5)
+    save_hf(trained, tmp_path / "hf", "mixtral")  # exported without them
+    save_model(plain, tmp_path / "native")
+    for load_into in (
+        lambda m: load_model_weights(tmp_path / "native", m),
+        lambda m: load_hf_weights(tmp_path / "hf", m, m.cfg),
+    ):
+        model = adaptive()
+        load_into(model)
+        assert coeffs(model) == pytest.approx([0.02, 0.05])
+    megatron = state_to_megatron(plain.cfg, plain.state_dict())
+    ours = state_from_megatron(
+        adaptive().cfg, lambda *names: next(megatron[n] for n in names if n in megatron)
+    )
+    got = [float(ours[f"layers.{i}.feed_forward.adaptive_aux.coeff"]) for i in (0, 1)]
+    assert got == pytest.approx([0.02, 0.05])
+    # a native checkpoint that has them restores them
+    save_model(trained, tmp_path / "trained")
+    model = adaptive()
+    load_model_weights(tmp_path / "trained", model)
+    assert coeffs(model) == [0.5, 0.5]

@@ -50,6 +50,28 @@ def config(world: int, monkeypatch, *overrides: str) -> Config:
         (
             4,
             [
+                "parallel.ep=2",
+                "parallel.tp=2",
+                "parallel.ep_ranks_per_node=2",
+                "model.moe.num_node_groups=2",
+                "model.moe.locality_bias=0.1",
+            ],
+            "model.moe.locality_bias: tensor-parallel ranks",
+        ),
+        (
+            4,
+            [
+                "parallel.ep=4",
+                "parallel.ep_a2a=node_dedup",
+                "parallel.ep_ranks_per_node=2",
+                "model.moe.capacity_factor=1.0",
+                "model.moe.pad_to_capacity=true",
+            ],
+            "model.moe.pad_to_capacity: pads every expert",
+        ),
+        (
+            4,
+            [
                 "parallel.ep=4",
                 "parallel.ep_a2a=node_dedup",
                 "parallel.ep_ranks_per_node=2",
@@ -102,3 +124,12 @@ def test_plan_line_gives_the_bound(monkeypatch):
     assert "no inter-node token rows" in str(describe_node_traffic(moe, single, "flat", None, 8))
     plain = config(4, monkeypatch, "parallel.ep=4").model.moe
     assert describe_node_traffic(plain, dims, "flat", None, 512) is None
+
+
+def test_exports_refuse_node_limited_routing():
+    from moetrain.moe.config import MoEConfig
+    from moetrain.moe.routes import research_options
+
+    limited = MoEConfig(num_node_groups=2, max_node_groups=1)
+    assert research_options(limited) == ["model.moe.max_node_groups=1 (routing research)"]
+    assert research_options(MoEConfig(num_node_groups=2, locality_bias=0.1)) == []

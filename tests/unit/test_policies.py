@@ -16,6 +16,7 @@ from moetrain.moe.policies import (
     dense_select,
     dense_temperature,
     drop_rate,
+    gumbel,
     scheduled_top_k,
 )
 from moetrain.moe.rectify import fill_in, intra_group
@@ -73,6 +74,33 @@ def test_intra_group_position_policy_and_the_tokens_own_experts():
     assert ids2.tolist() == [[0, 1], [2, 0]] and keep2.tolist() == [[False, True], [True, True]]
 
 
+def test_intra_group_gives_a_token_one_slot_per_expert():
+    # one group of 4; token 0's two slots (experts 0, 1) were both dropped: both would move to
+    # expert 2 (its best with room), so only the first does
+    cfg = moe(capacity_factor=1.0, expert_groups=4, rectify_intra_group=True)
+    probs = torch.tensor([[0.3, 0.3, 0.25, 0.15]])
+    ids = torch.tensor([[0, 1]])
+    keep = torch.tensor([[False, False]])
+    ids2, _, keep2 = intra_group(cfg, ids, torch.ones(1, 2), keep, probs, capacity=2)
+    assert ids2.tolist() == [[2, 1]] and keep2.tolist() == [[True, False]]
+
+
+def test_gumbel_draws_are_finite_at_the_uniforms_ends():
+    class Ends:
+        def uniform(self, stream, width):
+            return torch.tensor([[0.0, 1.0 - 2.0**-24]])
+
+    g = gumbel(Ends(), 2)  # type: ignore[arg-type]
+    assert torch.isfinite(g).all() and g[0, 0] < -2 and g[0, 1] > 16
+
+
+def test_aux_loss_free_balancing_counts_the_scheduled_slots_only():
+    layer = build(dict(top_k=3, top_k_schedule_steps=4, bias_update_rate=1e-3))
+    layer.start_step(0)  # k = 1
+    layer(torch.randn(2, 12, D))
+    assert float(layer.router.step_load_E.sum()) == 24
+
+
 def test_fill_in_gives_each_experts_room_to_its_best_unrouted_tokens():
     cfg = moe(top_k=1, capacity_factor=1.0, rectify_fill_in=True, routed_scaling_factor=2.0)
     probs = torch.tensor(
@@ -124,7 +152,9 @@ def test_drop_rate_and_the_adaptive_update_by_hand():
     a.record(torch.ones(4))
     a.discard()
     assert float(a.step_counts_E.sum()) == 0
-    assert a.to(torch.bfloat16).coeff.dtype == torch.float32
+    a.coeff.fill_(0.01)
+    cast = a.to(torch.bfloat16)  # neither the dtype nor the value is rounded
+    assert cast.coeff.dtype == torch.float32 and float(cast.coeff) == float(torch.tensor(0.01))
 
 
 # --- the layer against the naive reference ---------------------------------------------------
@@ -359,6 +389,16 @@ def test_adaptive_coefficient_follows_the_layers_drop_rate_and_is_checkpointed()
         (dict(freeze_router=True, router_type="random"), "model.moe.freeze_router"),
         (dict(adaptive_aux_smoothing=1.0), "model.moe.adaptive_aux_smoothing"),
         (dict(adaptive_aux_sensitivity=-1.0), "model.moe.adaptive_aux_sensitivity"),
+        (
+            dict(
+                rectify_fill_in=True,
+                capacity_factor=1.0,
+                bias_update_rate=1e-3,
+                bias_load="kept",
+                aux_loss_coeff=0.0,
+            ),
+            "use bias_load=assigned",
+        ),
         (dict(num_node_groups=3), "model.moe.num_node_groups"),
         (dict(max_node_groups=1), "model.moe.max_node_groups: needs model.moe.num_node_groups"),
         (dict(num_node_groups=4, max_node_groups=5), "model.moe.max_node_groups"),

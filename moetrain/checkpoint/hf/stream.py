@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from moetrain.checkpoint.build import FRESH_STATE
 from moetrain.checkpoint.errors import CheckpointError
 from moetrain.checkpoint.hf.weights import Rule
 from moetrain.checkpoint.safetensors_file import Selector
@@ -80,7 +81,8 @@ def fill_from_hub(module: nn.Module, reader: HubReader, plan: Mapping[str, Rule 
     """Copy into every tensor of ``module``'s state dict (keyed by the full model's names; whole
     tensors or DTensors: this process's shard) the part of the hub tensors that ``plan``
     (:func:`~moetrain.checkpoint.hf.weights.import_plan`) maps to it, reading nothing else;
-    tensors the plan maps to None are zeroed. A tensor shared under two names (tied
+    tensors the plan maps to None are zeroed (training state such as the adaptive aux
+    coefficients keeps its initial value). A tensor shared under two names (tied
     embeddings) is read once."""
     done: set[int] = set()
     with torch.no_grad():
@@ -97,6 +99,7 @@ def fill_from_hub(module: nn.Module, reader: HubReader, plan: Mapping[str, Rule 
             if local.numel() == 0:
                 continue
             if rule is None:
-                local.zero_()
+                if not name.endswith(FRESH_STATE):  # training state keeps its start value
+                    local.zero_()
             else:
                 _fill(reader, rule, local, index)

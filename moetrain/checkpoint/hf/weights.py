@@ -106,6 +106,8 @@ def _layer_rule(
         return [moe + "gate.weight"], False
     if ff == "router.expert_bias_E":
         return ([moe + "gate." + arch.expert_bias], False) if arch.expert_bias else ()
+    if ff == "adaptive_aux.coeff":  # training state: not exported, starts afresh on import
+        return ()
     if ff.startswith("experts."):
         which = _EXPERTS.index(ff.removeprefix("experts."))
         proj = arch.experts[which]
