@@ -1,5 +1,5 @@
 """Node-limited routing (DeepSeek-V3), the locality bias (LocMoE) and the node-deduplicating
-exchange (``parallel.ep_a2a=node_dedup``) on 2 simulated nodes x 2 ranks.
+exchange (``parallel.ep_a2a=node_dedup``) on 2 simulated nodes of 1 and of 2 ranks.
 
 A layer-level run per rank: the node-deduplicating exchange with node-limited routing and a
 locality bias toward the rank's node gives each rank the output and gradients of the single
@@ -21,7 +21,7 @@ from moetrain.testing import run_distributed
 from moetrain.testing.layouts import assert_matches, train_steps, train_steps_rank, write_token_dir
 
 T, D, E, K = 32, 16, 8, 4
-NODES, PER_NODE = 2, 2
+NODES = 2
 
 
 def _count_rows(sent: list[tuple[int, int]], remote):
@@ -73,20 +73,20 @@ def _run(layer, x, g):
     return y.detach(), x.grad
 
 
-def _node_rank(rank: int, world: int) -> dict:
+def _node_rank(rank: int, world: int, per_node: int) -> dict:
     import torch.distributed as dist
 
     from moetrain.parallel.ep import AllToAllDispatcher
     from moetrain.parallel.ep_comm import build_node_groups
     from moetrain.parallel.ep_dedup import NodeDedupDispatcher
 
-    node = rank // PER_NODE
+    node = rank // per_node
     home = range(node * E // NODES, (node + 1) * E // NODES)
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(T, D, generator=gen)
     g = torch.randn(T, D, generator=gen)
     out = {}
-    groups = build_node_groups([list(range(world))], PER_NODE)
+    groups = build_node_groups([list(range(world))], per_node)
     for name, kw, dedup in (
         ("flat_unlimited", dict(), False),
         ("dedup_unlimited", dict(), True),
@@ -109,8 +109,8 @@ def _node_rank(rank: int, world: int) -> dict:
         sent: list = []
         if dedup:  # every peer of the peer group is on another node
             original = _count_rows(sent, lambda group, me, r: group is groups.peers and r != me)
-        else:  # the flat group: global ranks, PER_NODE per node
-            original = _count_rows(sent, lambda group, me, r: r // PER_NODE != node)
+        else:  # the flat group: global ranks, per_node per node
+            original = _count_rows(sent, lambda group, me, r: r // per_node != node)
         try:
             y, gx = _run(layer, x, g)
         finally:
@@ -136,8 +136,9 @@ def _node_rank(rank: int, world: int) -> dict:
 
 
 @pytest.mark.timeout(180)
-def test_node_dedup_exchange_matches_and_bounds_inter_node_rows():
-    results = run_distributed(_node_rank, NODES * PER_NODE, timeout=150)
+@pytest.mark.parametrize("per_node", [1, 2], ids=["ep2_2x1", "ep4_2x2"])
+def test_node_dedup_exchange_matches_and_bounds_inter_node_rows(per_node):
+    results = run_distributed(_node_rank, NODES * per_node, per_node, timeout=150)
     for rank, res in enumerate(results):
         for name, r in res.items():
             assert r["y"] < 1e-5 and r["x_grad"] < 1e-5 and r["router_grad"] < 1e-5, (name, r)
