@@ -165,6 +165,17 @@ def train_steps_each_rank(
     return [train_steps(data_dir, overrides, steps) for overrides in runs]
 
 
+def assert_each_matches(per_rank: list[list[dict]], refs: dict[str, dict], where: str) -> None:
+    """``assert_matches`` for every run of a ``train_steps_each_rank`` launch (``per_rank``:
+    each rank's results, in the order of ``refs``, the runs' single-process references by
+    name); a failure names the run and ``where``."""
+    for i, (name, ref) in enumerate(refs.items()):
+        try:
+            assert_matches([results[i] for results in per_rank], ref)
+        except AssertionError as err:
+            raise AssertionError(f"{name} at {where}: {err}") from None
+
+
 def merged_weights(results: list[dict]) -> dict[str, torch.Tensor]:
     """Union of the ranks' full parameters (pipeline stages hold different ones); ranks that
     hold the same parameter must agree exactly."""

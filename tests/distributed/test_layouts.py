@@ -13,6 +13,7 @@ import torch
 
 from moetrain.testing import run_distributed
 from moetrain.testing.layouts import (
+    assert_each_matches,
     assert_matches,
     train_steps,
     train_steps_each_rank,
@@ -176,11 +177,8 @@ def test_stochastic_routing_at_every_layout(layout, data_dir):
     world, overrides = LAYOUTS[layout]
     runs = [[*keys, *overrides] for keys in STOCHASTIC.values()]
     per_rank = run_distributed(train_steps_each_rank, world, data_dir, runs, 3, timeout=280)
-    for i, (router, keys) in enumerate(STOCHASTIC.items()):
-        try:
-            assert_matches([results[i] for results in per_rank], reference(data_dir, keys))
-        except AssertionError as err:
-            raise AssertionError(f"{router} at {layout}: {err}") from None
+    refs = {router: reference(data_dir, keys) for router, keys in STOCHASTIC.items()}
+    assert_each_matches(per_rank, refs, layout)
 
 
 @pytest.mark.timeout(240)

@@ -15,7 +15,7 @@ import pytest
 
 from moetrain.testing import run_distributed
 from moetrain.testing.layouts import (
-    assert_matches,
+    assert_each_matches,
     train_steps,
     train_steps_each_rank,
     write_token_dir,
@@ -75,8 +75,4 @@ def test_options_at_layout_equal_single_process(layout, data_dir):
     world, overrides = LAYOUTS[layout]
     runs = [[*keys, *overrides] for keys in OPTIONS.values()]
     per_rank = run_distributed(train_steps_each_rank, world, data_dir, runs, 3, timeout=280)
-    for i, option in enumerate(OPTIONS):
-        try:
-            assert_matches([results[i] for results in per_rank], reference(data_dir, option))
-        except AssertionError as err:
-            raise AssertionError(f"{option} at {layout}: {err}") from None
+    assert_each_matches(per_rank, {o: reference(data_dir, o) for o in OPTIONS}, layout)

@@ -15,7 +15,7 @@ import torch
 
 from moetrain.testing import run_distributed
 from moetrain.testing.layouts import (
-    assert_matches,
+    assert_each_matches,
     train_steps,
     train_steps_each_rank,
     write_token_dir,
@@ -83,11 +83,7 @@ def test_options_at_layout_equal_single_process(layout, data_dir):
     options = [o for o in OPTIONS if (o, layout) not in SKIP]
     runs = [[*OPTIONS[o], *overrides] for o in options]
     per_rank = run_distributed(train_steps_each_rank, world, data_dir, runs, 3, timeout=280)
-    for i, option in enumerate(options):
-        try:
-            assert_matches([results[i] for results in per_rank], reference(data_dir, option))
-        except AssertionError as err:
-            raise AssertionError(f"{option} at {layout}: {err}") from None
+    assert_each_matches(per_rank, {o: reference(data_dir, o) for o in options}, layout)
 
 
 # --- null and zero-computation experts send nothing ------------------------------------------
