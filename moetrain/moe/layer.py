@@ -262,7 +262,10 @@ class MoELayer(nn.Module):
             if plan.dropped_TK is not None and cfg.bias_load == "kept":
                 kept = ~plan.dropped_TK
                 counted = kept if counted is None else counted & kept
-            self.router.record_load(ids, counted)
+            if counted is None:  # a router's record_load may take the ids alone
+                self.router.record_load(ids)
+            else:
+                self.router.record_load(ids, counted)
             if self.adaptive_aux is not None:  # the step's load, before dropping
                 self.adaptive_aux.record(self._ffn_counts(ids, plan.ffn_TK))
         lb_loss, zl = self._aux_losses(routed, seq_len, call, recompute)

@@ -114,9 +114,10 @@ class Router(nn.Module, ABC):
     def record_load(self, topk_ids_TK: Tensor, keep_TK: Tensor | None = None) -> None:
         """Count one call's selections toward this optimizer step's expert load. The layer calls
         it on every training call that is not an activation-checkpointing recomputation; with
-        ``model.moe.bias_load=kept`` and a capacity factor it also passes the capacity keep mask
-        ``keep_TK`` (count only the kept selections), so a router used with that option must
-        accept it (otherwise it is called with the ids alone)."""
+        ``model.moe.bias_load=kept`` and a capacity factor, or with slots that may carry no route
+        (top-p, the top-k schedule), it also passes ``keep_TK``, the selections to count, so a
+        router used with those options must accept it (otherwise it is called with the ids
+        alone)."""
 
     def update_expert_bias(self, reduce_load: CountReduce | None = None) -> Tensor | None:
         """Once per optimizer step, after every micro-batch's forward: update balancing state
