@@ -133,7 +133,7 @@ def config(world: int, monkeypatch, **parallel) -> Config:
     [
         (2, dict(ep=2, ep_overlap_chunks=0), "parallel.ep_overlap_chunks: must be >= 1"),
         (2, dict(ep_overlap_chunks=2), "parallel.ep_overlap_chunks: applies to expert-parallel"),
-        (2, dict(ep=2, ep_a2a="ring"), "parallel.ep_a2a: must be one of flat, hierarchical, node_dedup"),
+        (2, dict(ep=2, ep_a2a="ring"), "parallel.ep_a2a: must be one of flat, hierarchical"),
         (2, dict(ep_a2a="hierarchical"), "parallel.ep_a2a: applies to expert-parallel"),
         (4, dict(ep=4, ep_a2a="hierarchical"), "parallel.ep_ranks_per_node: parallel.ep_a2a"),
         (4, dict(ep=4, ep_a2a="hierarchical", ep_ranks_per_node=3), "does not divide"),
