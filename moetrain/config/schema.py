@@ -65,6 +65,9 @@ class ParallelConfig:
     dp_shard: int = -1  # -1: the ranks left over
     tp: int = 1
     pp: int = 1
+    # context parallelism: each sequence split over cp ranks (ring attention), 2 load-balanced
+    # chunks per rank; world = pp x dp_replicate x dp_shard x cp x tp
+    cp: int = 1
     ep: int = 1
     etp: int = 1
     pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved_1f1b

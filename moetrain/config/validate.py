@@ -54,6 +54,7 @@ def parallel_dims(cfg: Config, world: int | None = None) -> ParallelDims:
         ep=p.ep,
         etp=p.etp,
         expert_sharding=p.expert_sharding,
+        cp=p.cp,
     )
 
 
@@ -235,6 +236,32 @@ def _require_apex(part: tuple[str, str], setting: str, fallback: str) -> None:
         raise ConfigError(apex.message(setting, why, fallback))
 
 
+def _validate_cp(cfg: Config, dims: ParallelDims) -> None:
+    """Context parallelism: sequences split in 2 x cp load-balanced chunks (each further split
+    over tp by sequence parallelism); what it does not compose with, one line each."""
+    m, cp = cfg.model, dims.cp
+    chunks = 2 * cp * dims.tp
+    if cfg.train.seq_len % chunks:
+        _fail(
+            "train.seq_len",
+            f"{cfg.train.seq_len} is not divisible by 2 x parallel.cp x parallel.tp = {chunks} "
+            "(each cp rank holds 2 load-balanced chunks of every sequence, split over tp); pick "
+            f"a multiple of {chunks}",
+        )
+    if cfg.data.document_mask:
+        _fail(
+            "data.document_mask",
+            f"context parallelism (parallel.cp={cp}) runs full causal ring attention, without "
+            "document masks; use parallel.cp=1 or data.document_mask=false",
+        )
+    if m.num_moe_layers and router_class(m.moe.router_type).needs_token_ids:
+        _fail(
+            "model.moe.router_type",
+            f"{m.moe.router_type!r} routes by token id, which context parallelism (parallel.cp="
+            f"{cp}) does not gather for the MoE layers; use parallel.cp=1 or a learned router",
+        )
+
+
 def _validate_parallel(cfg: Config) -> ParallelDims:
     p, m = cfg.parallel, cfg.model
     dims = parallel_dims(cfg)
@@ -280,6 +307,8 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
             "hands each MoE layer's router logits to the next MoE layer, which a pipeline "
             "stage boundary cuts; use parallel.pp=1 or gating_residual=false",
         )
+    if dims.cp > 1:
+        _validate_cp(cfg, dims)
     if cfg.train.seq_len % dims.tp:
         _fail(
             "train.seq_len",

@@ -27,9 +27,15 @@ on CUDA, a flex-attention ``BlockMask`` — which already holds the causal and s
 rule; cos/sin then come per row (``[B, S, d]``). A keyword, so tensor parallelism's
 ``PrepareModuleInput`` (positional layouts for x, cos, sin) passes it through unchanged; the
 mask is over the full (gathered) sequence, as attention is.
+
+Context parallelism sets ``context_parallel`` on both classes from outside
+(``moetrain.parallel.cp``): an object whose ``attention(q, k, v, scale)`` attends this rank's
+query chunks over the whole sequence (a ring exchange of key/value chunks); None runs SDPA here.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +88,22 @@ def causal_attention(
     )
 
 
+def attend(
+    context_parallel: Any,
+    q_BHSk: Tensor,
+    k_BGSk: Tensor,
+    v_BGSv: Tensor,
+    sliding_window: int | None,
+    scale: float | None = None,
+    mask: AttentionMask | None = None,
+) -> Tensor:
+    """:func:`causal_attention`, or the context-parallel attention when one is set (layout
+    validation refuses a window or a document mask with it)."""
+    if context_parallel is not None:
+        return context_parallel.attention(q_BHSk, k_BGSk, v_BGSv, scale)
+    return causal_attention(q_BHSk, k_BGSk, v_BGSv, sliding_window, scale, mask)
+
+
 class Attention(nn.Module):
     """``attention(x_BSD, cos_Sd, sin_Sd, mask=None) -> y_BSD``; cos/sin come from
     ``RotaryEmbedding`` (``[B, S, d]`` with per-row positions); ``mask`` see the module doc."""
@@ -91,6 +113,7 @@ class Attention(nn.Module):
         D, H, G, d = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
         self.head_dim = d
         self.sliding_window = cfg.sliding_window
+        self.context_parallel: Any = None  # set by moetrain.parallel.cp
         self.wq = nn.Linear(D, H * d, bias=cfg.qkv_bias)
         self.wk = nn.Linear(D, G * d, bias=cfg.qkv_bias)
         self.wv = nn.Linear(D, G * d, bias=cfg.qkv_bias)
@@ -127,7 +150,8 @@ class Attention(nn.Module):
             q_BSHd, k_BSGd = self.q_norm(q_BSHd), self.k_norm(k_BSGd)
         q_BSHd = apply_rope(q_BSHd, cos_Sd, sin_Sd)
         k_BSGd = apply_rope(k_BSGd, cos_Sd, sin_Sd)
-        o_BHSd = causal_attention(
+        o_BHSd = attend(
+            self.context_parallel,
             q_BSHd.transpose(1, 2),
             k_BSGd.transpose(1, 2),
             v_BSGd.transpose(1, 2),
@@ -149,6 +173,7 @@ class MLAttention(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim, self.kv_rank = n, r, v, C
         self.rope_interleave = cfg.rope_interleave
         self.sliding_window = cfg.sliding_window
+        self.context_parallel: Any = None  # set by moetrain.parallel.cp
         self.scale = (n + r) ** -0.5 * yarn_softmax_factor(cfg)
         self.q_lora_rank = cfg.q_lora_rank
         if cfg.q_lora_rank is None:
@@ -190,7 +215,8 @@ class MLAttention(nn.Module):
         k_rope_BS1r = apply_rope(self._rope_layout(k_rope_BSr[:, :, None]), cos_Sr, sin_Sr)
         q_BSHk = torch.cat((q_nope_BSHn, q_rope_BSHr), dim=-1)
         k_BSHk = torch.cat((k_nope_BSHn, k_rope_BS1r.expand_as(q_rope_BSHr)), dim=-1)
-        o_BHSv = causal_attention(
+        o_BHSv = attend(
+            self.context_parallel,
             q_BSHk.transpose(1, 2),
             k_BSHk.transpose(1, 2),
             v_BSHv.transpose(1, 2),

@@ -11,7 +11,7 @@ and the HF adapters map.
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,9 @@ class Transformer(nn.Module):
         with torch.random.fork_rng(devices=[]):
             self._build(cfg)
         self.rope = RotaryEmbedding(cfg)
+        # context parallelism (set by moetrain.parallel.cp): tokens are this rank's chunks of
+        # each sequence, at the positions it gives
+        self.context_parallel: Any = None
         self.init_weights()
 
     def _build(self, cfg: ModelConfig) -> None:
@@ -112,14 +115,15 @@ class Transformer(nn.Module):
         inside each document; ``positions_BS`` int64 RoPE positions (default ``0..S-1`` in
         every row). Returns: ``logits_BSV`` fp32. Raises ``ValueError`` on a too-long sequence
         or a ``documents_BS``/``positions_BS`` shaped unlike ``tokens_BS``."""
-        seq_len = tokens_BS.shape[1]
+        cp = self.context_parallel
+        seq_len = tokens_BS.shape[1] * (1 if cp is None else cp.size)
         if seq_len > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {seq_len} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                 "raise model.max_seq_len or shorten the sequences"
             )
         cos, sin, mask = rope_and_mask(
-            self.rope, self.cfg, tokens_BS.shape, tokens_BS.device, documents_BS, positions_BS
+            self.rope, self.cfg, tokens_BS.shape, tokens_BS.device, documents_BS, positions_BS, cp
         )
         h_BSD = self.tok_embeddings(tokens_BS)
         for layer in self.layers:
@@ -179,18 +183,25 @@ def rope_and_mask(
     device: torch.device,
     documents_BS: Tensor | None = None,
     positions_BS: Tensor | None = None,
+    context_parallel: Any = None,
 ) -> tuple[Tensor, Tensor, AttentionMask | None]:
     """What every layer of one forward shares, computed once: cos/sin (``[S, d]`` for the
     default positions ``0..S-1``, ``[B, S, d]`` for ``positions_BS``) and the document mask
     (None without ``documents_BS``: the plain causal path). ``shape_BS`` is the full window's
-    ``(B, S)`` (under tensor parallelism attention runs on the gathered sequence)."""
+    ``(B, S)`` (under tensor parallelism attention runs on the gathered sequence); under context
+    parallelism it is this rank's part, whose positions ``context_parallel`` gives."""
     for name, t in (("documents_BS", documents_BS), ("positions_BS", positions_BS)):
         if t is not None and tuple(t.shape) != tuple(shape_BS):
             raise ValueError(
                 f"{name} has shape {tuple(t.shape)}, the tokens {tuple(shape_BS)}: "
                 "data.document_mask needs one document id and position per token"
             )
-    positions = torch.arange(shape_BS[1], device=device) if positions_BS is None else positions_BS
+    if positions_BS is not None:
+        positions = positions_BS
+    elif context_parallel is not None:
+        positions = context_parallel.positions(shape_BS[1], device)
+    else:
+        positions = torch.arange(shape_BS[1], device=device)
     cos, sin = rope(positions)
     mask = None if documents_BS is None else attention_mask(documents_BS, cfg.sliding_window)
     return cos, sin, mask

@@ -1,15 +1,19 @@
 """ParallelDims: the parallel degrees of a launch, validated once, and every DeviceMesh built
 from them.
 
-World size = pp x dp_replicate x dp_shard x tp; ``dp_shard=-1`` takes the ranks left over.
-Ranks are laid out with pp outermost and tp innermost (rank = ((p*R + r)*S + s)*T + t).
+World size = pp x dp_replicate x dp_shard x cp x tp; ``dp_shard=-1`` takes the ranks left over.
+Ranks are laid out with pp outermost and tp innermost (rank = (((p*R + r)*S + s)*C + c)*T + t).
+Context parallelism (``cp``) splits each sequence over ``cp`` ranks that share one micro-batch
+stream (``moetrain.parallel.cp``); the dense parameters are identical over cp ranks and FSDP
+shards them over dp_shard x cp (the mesh axis ``dp_shard_cp``).
 Expert parallelism folds into the ranks of one pipeline stage (Megatron-Core's "MoE parallel
 folding", torchtitan's dp2ep), so ``ep`` and ``etp`` do not multiply the world:
 
-- ``etp=1`` (experts not tensor-parallel): the dp_shard x tp ranks of a stage, flattened in rank
-  order, are regrouped as (edp_shard, ep) with ep innermost; ``ep`` must divide dp_shard x tp.
-- ``etp=tp``: each tp rank holds a slice of F of its experts; the dp_shard ranks are regrouped as
-  (edp_shard, ep); ``ep`` must divide dp_shard.
+- ``etp=1`` (experts not tensor-parallel): the dp_shard x cp x tp ranks of a stage, flattened in
+  rank order, are regrouped as (edp_shard, ep) with ep innermost; ``ep`` must divide
+  dp_shard x cp x tp.
+- ``etp=tp``: each tp rank holds a slice of F of its experts; the dp_shard x cp ranks are
+  regrouped as (edp_shard, ep); ``ep`` must divide dp_shard x cp.
 
 The remaining factor is the expert-data-parallel degree ``edp = dp_replicate x edp_shard``: each
 expert is replicated (or FSDP-sharded) over edp ranks.
@@ -30,7 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from moetrain.models.config import ModelConfig
 from moetrain.parallel.placement import placement_class
 
-DENSE_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+DENSE_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 EXPERT_AXES = ("pp", "dp_replicate", "edp_shard", "ep", "etp")
 
 
@@ -50,6 +54,7 @@ class RankCoords:
     pp: int
     dp_replicate: int
     dp_shard: int
+    cp: int
     tp: int
     ep: int
     edp: int  # index among the ranks holding the same experts (over dp_replicate and edp_shard)
@@ -66,18 +71,19 @@ class ParallelDims:
     ep: int = 1
     etp: int = 1
     expert_sharding: str = "ep"
+    cp: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "pp", "dp_replicate", "tp", "ep", "etp"):
+        for name in ("world_size", "pp", "dp_replicate", "cp", "tp", "ep", "etp"):
             if getattr(self, name) < 1:
                 _fail(f"parallel.{name}", f"must be >= 1, got {getattr(self, name)}")
-        others = self.pp * self.dp_replicate * self.tp
+        others = self.pp * self.dp_replicate * self.cp * self.tp
         if self.dp_shard == -1:
             if self.world_size % others:
                 _fail(
                     "parallel",
-                    f"world size {self.world_size} is not divisible by pp x dp_replicate x tp "
-                    f"= {others}; launch a multiple of {others} processes",
+                    f"world size {self.world_size} is not divisible by pp x dp_replicate x cp x "
+                    f"tp = {others}; launch a multiple of {others} processes",
                 )
             object.__setattr__(self, "dp_shard", self.world_size // others)
         elif self.dp_shard < 1:
@@ -86,8 +92,8 @@ class ParallelDims:
         if product != self.world_size:
             _fail(
                 "parallel",
-                f"pp x dp_replicate x dp_shard x tp = {self.pp} x {self.dp_replicate} x "
-                f"{self.dp_shard} x {self.tp} = {product}, but the world size is "
+                f"pp x dp_replicate x dp_shard x cp x tp = {self.pp} x {self.dp_replicate} x "
+                f"{self.dp_shard} x {self.cp} x {self.tp} = {product}, but the world size is "
                 f"{self.world_size}; set parallel.dp_shard=-1 or launch {product} processes",
             )
         self._validate_experts_axes()
@@ -96,6 +102,12 @@ class ParallelDims:
         placement_class(self.expert_sharding).validate_dims(self)
         if self.etp not in (1, self.tp):
             _fail("parallel.etp", f"must be 1 or equal to parallel.tp={self.tp}, got {self.etp}")
+        if self.cp > 1 and self.etp > 1:
+            _fail(
+                "parallel.etp",
+                f"expert tensor parallelism (etp={self.etp}) does not combine with parallel.cp="
+                f"{self.cp}; use parallel.etp=1 (experts fold over dp_shard x cp x tp)",
+            )
         pool, pool_name = self.expert_pool
         if pool % self.ep:
             _fail(
@@ -108,8 +120,8 @@ class ParallelDims:
     def expert_pool(self) -> tuple[int, str]:
         """The per-replica ranks EP folds into, and their name for messages."""
         if self.etp == 1:
-            return self.dp_shard * self.tp, "dp_shard x tp"
-        return self.dp_shard, "dp_shard"
+            return self.dp_shard * self.cp * self.tp, "dp_shard x cp x tp"
+        return self.dp_shard * self.cp, "dp_shard x cp"
 
     @property
     def edp_shard(self) -> int:
@@ -126,8 +138,15 @@ class ParallelDims:
 
     @property
     def dp(self) -> int:
-        """Data-parallel degree of the dense parts: the number of distinct micro-batch streams."""
+        """Data-parallel degree of the dense parts: the number of distinct micro-batch streams
+        (the cp ranks of one stream share its micro-batches, each holding part of every
+        sequence)."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def dense_shard(self) -> int:
+        """Ranks FSDP shards a dense parameter over inside one replica: dp_shard x cp."""
+        return self.dp_shard * self.cp
 
     def validate_model(self, model: ModelConfig, virtual_stages: int = 1) -> None:
         """Model-dependent checks, before any process group starts."""
@@ -139,6 +158,8 @@ class ParallelDims:
                 "parallel.tp=1 (shard with parallel.dp_shard, parallel.ep, parallel.pp instead) "
                 "or model.attention=gqa",
             )
+        if self.cp > 1:
+            self._validate_cp_model(model)
         divisible_by_tp = {
             "model.num_heads": model.num_heads,
             "model.num_kv_heads": model.num_kv_heads,
@@ -156,6 +177,15 @@ class ParallelDims:
                 f"model.num_layers={model.num_layers}; every stage needs at least one layer",
             )
 
+    def _validate_cp_model(self, model: ModelConfig) -> None:
+        if model.sliding_window is not None:
+            _fail(
+                "parallel.cp",
+                f"context parallelism does not support model.sliding_window="
+                f"{model.sliding_window} (its ring attention is full causal); use parallel.cp=1 "
+                "or model.sliding_window=null",
+            )
+
     def layout(self, virtual_stages: int = 1) -> dict[str, int | str]:
         """The layout as a checkpoint records it: every degree, and the placement's key. A
         resume on an equal layout restores per-rank state exactly."""
@@ -164,6 +194,7 @@ class ParallelDims:
             "pp": self.pp,
             "dp_replicate": self.dp_replicate,
             "dp_shard": self.dp_shard,
+            "cp": self.cp,
             "tp": self.tp,
             "ep": self.ep,
             "etp": self.etp,
@@ -176,15 +207,15 @@ class ParallelDims:
         """The dense degrees in one phrase (the placement describes the experts)."""
         return (
             f"world {self.world_size} = pp {self.pp} x dp_replicate {self.dp_replicate} x "
-            f"dp_shard {self.dp_shard} x tp {self.tp}"
+            f"dp_shard {self.dp_shard} x cp {self.cp} x tp {self.tp}"
         )
 
     # --- rank arithmetic ---------------------------------------------------------------------
 
     def rank_grid(self) -> torch.Tensor:
-        """Ranks laid out as [pp, dp_replicate, dp_shard, tp]."""
+        """Ranks laid out as [pp, dp_replicate, dp_shard, cp, tp]."""
         return torch.arange(self.world_size).view(
-            self.pp, self.dp_replicate, self.dp_shard, self.tp
+            self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp
         )
 
     def expert_grid(self) -> torch.Tensor:
@@ -192,14 +223,14 @@ class ParallelDims:
         its row along ``ep``, its expert replicas lie along (dp_replicate, edp_shard)."""
         grid = self.rank_grid()
         if self.etp == 1:
-            flat = grid.reshape(self.pp, self.dp_replicate, self.dp_shard * self.tp)
+            flat = grid.reshape(self.pp, self.dp_replicate, self.dp_shard * self.cp * self.tp)
             return flat.view(self.pp, self.dp_replicate, self.edp_shard, self.ep, 1)
-        return grid.view(self.pp, self.dp_replicate, self.edp_shard, self.ep, self.tp)
+        return grid.reshape(self.pp, self.dp_replicate, self.edp_shard, self.ep, self.tp)
 
     def coords(self, rank: int) -> RankCoords:
-        p, r, s, t = (int(i) for i in (self.rank_grid() == rank).nonzero()[0])
+        p, r, s, c, t = (int(i) for i in (self.rank_grid() == rank).nonzero()[0])
         _, _, es, e, et = (int(i) for i in (self.expert_grid() == rank).nonzero()[0])
-        return RankCoords(rank, p, r, s, t, ep=e, edp=r * self.edp_shard + es, etp=et)
+        return RankCoords(rank, p, r, s, c, t, ep=e, edp=r * self.edp_shard + es, etp=et)
 
     def ep_groups(self) -> list[list[int]]:
         """Every EP group's global ranks, in EP rank order (each increasing)."""
@@ -248,13 +279,15 @@ class ParallelDims:
 
 @dataclass
 class Meshes:
-    """``dense``: [pp, dp_replicate, dp_shard, tp]; ``experts``: [pp, dp_replicate, edp_shard,
+    """``dense``: [pp, dp_replicate, dp_shard, cp, tp] (with cp > 1 also the flattened axes
+    ``dp_shard_cp``, FSDP's, and ``cp_tp``, the ranks sharing one micro-batch); ``experts``: [pp, dp_replicate, edp_shard,
     ep, etp] over the same ranks (process groups of its own); ``placement``: the expert
     placement's own mesh, if it has one (FSSDP: [pp, fssdp])."""
 
     dense: DeviceMesh
     experts: DeviceMesh
     placement: DeviceMesh | None = None
+    cp_tp: DeviceMesh | None = None  # cp > 1: the flattened cp x tp ranks of one micro-batch
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
@@ -264,6 +297,10 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     if world != dims.world_size:
         _fail("parallel", f"the process group has {world} ranks, the layout {dims.world_size}")
     dense = DeviceMesh(device_type, dims.rank_grid(), mesh_dim_names=DENSE_AXES)
+    cp_tp = None
+    if dims.cp > 1:  # flattened axes live on the dense mesh, so FSDP and TP share one root
+        dense["dp_shard", "cp"]._flatten("dp_shard_cp")
+        cp_tp = dense["cp", "tp"]._flatten("cp_tp")
     experts = DeviceMesh(device_type, dims.expert_grid(), mesh_dim_names=EXPERT_AXES)
     placement = placement_class(dims.expert_sharding).mesh(dims, device_type)
-    return Meshes(dense, experts, placement)
+    return Meshes(dense, experts, placement, cp_tp)

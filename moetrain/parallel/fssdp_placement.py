@@ -45,7 +45,7 @@ class FSSDPPlacement(ExpertPlacement):
 
     @classmethod
     def validate_dims(cls, dims: ParallelDims) -> None:
-        for name in ("ep", "etp", "tp"):
+        for name in ("ep", "etp", "tp", "cp"):
             if getattr(dims, name) != 1:
                 raise LayoutError(
                     f"parallel.expert_sharding: 'fssdp' shards every expert over all ranks of a "

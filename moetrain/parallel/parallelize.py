@@ -23,6 +23,7 @@ gradients would come out doubled — the bug class DeepSpeed, torchtitan and Meg
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -41,6 +42,7 @@ from moetrain.moe.experts import EXPERT_F_DIM, GroupedExperts
 from moetrain.moe.layer import MoELayer
 from moetrain.parallel.compile import apply_compile
 from moetrain.parallel.context import ParallelContext, single_process_context
+from moetrain.parallel.cp import ContextParallel, apply_cp, build_cp
 from moetrain.parallel.grads import clip_grad_norm, finish_partial_grads, local_grad_sumsq
 from moetrain.parallel.placement import ExpertPlacement, StepStatistics, placement_class
 from moetrain.parallel.tp import (
@@ -79,6 +81,7 @@ class PipelineChunk(nn.Module):
         self.norm = model.norm if last else None
         self.output = model.output if last else None
         self.rope = model.rope
+        self.context_parallel = model.context_parallel  # set again by moetrain.parallel.cp
 
     def forward(
         self, x: Tensor, documents_BS: Tensor | None = None, positions_BS: Tensor | None = None
@@ -90,7 +93,13 @@ class PipelineChunk(nn.Module):
             seq_len = x.shape[1] * self.seq_shards
             h = x
         cos, sin, mask = rope_and_mask(
-            self.rope, self.cfg, (x.shape[0], seq_len), x.device, documents_BS, positions_BS
+            self.rope,
+            self.cfg,
+            (x.shape[0], seq_len),
+            x.device,
+            documents_BS,
+            positions_BS,
+            self.context_parallel,
         )
         for layer in self.layers.values():
             h = layer(h, cos, sin, None, mask)
@@ -134,6 +143,23 @@ class ParallelModel:
     ctx: ParallelContext = field(default_factory=single_process_context)
     placement: ExpertPlacement | None = None
     local_grads_finite: bool = True  # this rank's gradient shards, as of the last clip
+    context_parallel: ContextParallel | None = None
+
+    def shard_sequences(self, t_BS: Tensor) -> Tensor:
+        """This rank's part of each sequence of ``[B, S]`` tokens or targets (context
+        parallelism: its 2 load-balanced chunks), else ``t_BS`` itself."""
+        cp = self.context_parallel
+        return t_BS if cp is None else cp.shard(t_BS)
+
+    @property
+    def loss_share(self) -> float:
+        """What this rank's mean LM loss over its tokens is multiplied by so that the losses of
+        the ranks sharing a micro-batch sum to its mean (1 / cp)."""
+        return 1.0 if self.context_parallel is None else 1.0 / self.context_parallel.size
+
+    def sum_loss_shares(self, loss: Tensor) -> Tensor:
+        """Sum loss shares (:attr:`loss_share`) in place over the ranks of one micro-batch."""
+        return self.ctx.all_reduce(loss, ("cp",)) if self.context_parallel is not None else loss
 
     def materialize(self, specs: dict[str, InitSpec], seed: int) -> None:
         """Allocate this rank's shards on the context's device (the model was built and
@@ -287,10 +313,13 @@ def apply_fsdp(chunk: nn.Module, ctx: ParallelContext, shards_experts: bool = Fa
             _fsdp(layer.experts, ctx.meshes.experts[axes], shard_placement_fn=placement)
         else:
             expert_params.update(layer.experts.parameters())
-    if dims.dp == 1:
+    if dims.dp_replicate * dims.dense_shard == 1:
         return
-    axes = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
-    mesh = ctx.meshes.dense[axes]
+    shard_axis = "dp_shard_cp" if dims.cp > 1 else "dp_shard"  # cp ranks hold equal weights
+    axes = ("dp_replicate", shard_axis) if dims.dp_replicate > 1 else (shard_axis,)
+    with warnings.catch_warnings():  # torch asks to keep flattened meshes apart; FSDP needs
+        warnings.simplefilter("ignore", UserWarning)  # dp_replicate x dp_shard_cp as one mesh
+        mesh = ctx.meshes.dense[axes]
     ignored = expert_params or None
     for block in _blocks(chunk):
         _fsdp(block, mesh, ignored_params=ignored)
@@ -334,6 +363,7 @@ def parallelize(
             PipelineChunk(model, ranges[s], s == 0, s == num_stages - 1, dims.tp) for s in stage_ids
         ]
     tp_partial: list[ParamRef] = []
+    cp = build_cp(ctx) if dims.cp > 1 else None
     placement.setup(ctx)  # collective: every rank
     for chunk, s in zip(chunks, stage_ids):
         if dims.tp > 1:
@@ -342,6 +372,8 @@ def parallelize(
                 apply_tp_block(block, tp_mesh, dims.etp)
                 tp_partial += tp_partial_params(block)
             apply_tp_ends(chunk, tp_mesh, first=s == 0, last=s == num_stages - 1)
+        if cp is not None:  # attention and RoPE of this rank's chunks; MoE layers' token gather
+            apply_cp(chunk, *cp)
         for layer in _moe_layers(chunk):
             placement.apply(layer, ctx)
         if compile_blocks:  # after the placement installed its dispatcher, before FSDP2
@@ -350,7 +382,15 @@ def parallelize(
     moe_layers = [m for c in chunks for m in _moe_layers(c)]
     moe_ids = [moe_index[id(m)] for m in moe_layers]
     return ParallelModel(
-        chunks, stage_ids, model.cfg, moe_layers, moe_ids, tp_partial, ctx, placement
+        chunks,
+        stage_ids,
+        model.cfg,
+        moe_layers,
+        moe_ids,
+        tp_partial,
+        ctx,
+        placement,
+        context_parallel=None if cp is None else cp[0],
     )
 
 

@@ -45,7 +45,7 @@ def describe_plan(
         f"dense mesh {dict(zip(DENSE_AXES, dims.rank_grid().shape))}",
         f"expert mesh {dict(zip(EXPERT_AXES, dims.expert_grid().shape))}",
         "stages: " + ", ".join(f"{i}: layers {r.start}-{r.stop - 1}" for i, r in enumerate(ranges)),
-        f"{'rank':>4} {'pp':>3} {'dp_r':>4} {'dp_s':>4} {'tp':>3} {'ep':>3} {'edp':>4} "
+        f"{'rank':>4} {'pp':>3} {'dp_r':>4} {'dp_s':>4} {'cp':>3} {'tp':>3} {'ep':>3} {'edp':>4} "
         f"{'etp':>3}  layers            experts      dense params  expert params",
     ]
     for rank in range(dims.world_size) if ranks is None else ranks:
@@ -55,21 +55,26 @@ def describe_plan(
         for r in mine:
             d, e = _stage_params(model, r)
             dense, expert = dense + d, expert + e
-        # dense weights: split by tp, FSDP-sharded over dp_shard; experts: as the placement holds
-        dense_share = dense // (dims.tp * dims.dp_shard)
+        # dense weights: split by tp, FSDP-sharded over dp_shard x cp; experts: as the placement
+        dense_share = dense // (dims.tp * dims.dense_shard)
         experts, expert_share = "-", expert
         if num_experts:
             experts, expert_share = experts_share(dims, expert, c, num_experts)
         layer_text = ",".join(f"{r.start}-{r.stop - 1}" for r in mine)
         lines.append(
-            f"{rank:>4} {c.pp:>3} {c.dp_replicate:>4} {c.dp_shard:>4} {c.tp:>3} {c.ep:>3} "
+            f"{rank:>4} {c.pp:>3} {c.dp_replicate:>4} {c.dp_shard:>4} {c.cp:>3} {c.tp:>3} {c.ep:>3} "
             f"{c.edp:>4} {c.etp:>3}  {layer_text:<17} {experts:<12} {dense_share:>12,} "
             f"{expert_share:>14,}"
         )
     lines.append(
-        "params per rank exclude embeddings and head; shares assume FSDP over dp_shard "
+        "params per rank exclude embeddings and head; shares assume FSDP over dp_shard x cp "
         f"(dense); {placement.share_note()}"
     )
+    if dims.cp > 1:
+        lines.append(
+            f"context parallel: each sequence split over {dims.cp} ranks, 2 load-balanced "
+            f"chunks of seq_len/{2 * dims.cp} per rank; experts fold over dp_shard x cp x tp"
+        )
     return "\n".join(lines)
 
 

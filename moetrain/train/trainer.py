@@ -115,7 +115,7 @@ class Trainer:
                 self.num_micro // self.ctx.dims.dp,
                 self._pp_loss,
                 t.micro_batch_size,
-                t.seq_len,
+                t.seq_len // self.ctx.dims.cp,  # this rank's part of each sequence
             )
         self.step = 0  # optimizer steps taken (restored on resume)
         self.nonfinite = NonFiniteGuard(t.nonfinite, t.max_skipped_steps, self.ctx.is_logging_rank)
@@ -334,7 +334,7 @@ class Trainer:
         run (``NonFiniteError``) or skips the update, as ``train.nonfinite`` says."""
         t = self.cfg.train
         batches = [
-            (x.to(self.ctx.device), y.to(self.ctx.device))
+            (self._local(x), self._local(y))
             for x, y in self.train_batches.next_global_batch(t.global_batch_size)
         ]
         for chunk in self.pm.chunks:
@@ -348,7 +348,7 @@ class Trainer:
                 activity.set_phase(f"backward micro-batch {i}")
                 (loss * self.loss_scale).backward()
                 loss_sum += loss.detach()
-            local_loss, local_micro = float(loss_sum), len(batches)
+            local_loss, local_micro = float(self.pm.sum_loss_shares(loss_sum)), len(batches)
         else:
             activity.set_phase("pipeline schedule")
             local_loss, local_micro = self._pipeline_step(batches)
@@ -384,10 +384,11 @@ class Trainer:
             self.schedule.step(*args, target=targets if last else None, **docs)
         if not last:
             return 0.0, 0
-        return float(torch.stack(self._pp_losses).double().sum()), len(self._pp_losses)
+        total = self.pm.sum_loss_shares(torch.stack(self._pp_losses).double().sum())
+        return float(total), len(self._pp_losses)
 
     def _pp_loss(self, logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+        loss = self._cross_entropy(logits_BSV, targets_BS)
         self._pp_losses.append(loss.detach())
         return loss * self.loss_scale
 
@@ -434,11 +435,22 @@ class Trainer:
             return {}
         return document_inputs(inputs_BS, self.tokenizer.require_eos(), d.document_positions)
 
+    def _local(self, t_BS: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on this rank's device, cut to its part of each sequence (context
+        parallelism)."""
+        return self.pm.shard_sequences(t_BS.to(self.ctx.device))
+
+    def _cross_entropy(self, logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the micro-batch's mean next-token cross-entropy (the mean over
+        its tokens times ``pm.loss_share``), the logits upcast to fp32."""
+        loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+        return loss * self.pm.loss_share
+
     def _lm_loss(self, inputs_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy (mean over tokens), the logits upcast to fp32."""
+        """:meth:`_cross_entropy` of the model on ``inputs_BS``."""
         with self.autocast:
             logits_BSV = self.model(inputs_BS, **self._documents(inputs_BS))
-        return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+        return self._cross_entropy(logits_BSV, targets_BS)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -453,7 +465,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         batches = self.val_data.fixed_batches(t.eval_batches, t.micro_batch_size)
         for inputs_BS, targets_BS in batches:
-            inputs_BS, targets_BS = inputs_BS.to(self.ctx.device), targets_BS.to(self.ctx.device)
+            inputs_BS, targets_BS = self._local(inputs_BS), self._local(targets_BS)
             if self.schedule is None:
                 total += self._lm_loss(inputs_BS, targets_BS)
                 continue
@@ -461,9 +473,10 @@ class Trainer:
             with self.autocast:
                 logits = pipeline_forward(self.pm, self.ctx, inputs_BS, **docs)
             if logits is not None:
-                total += F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+                total += self._cross_entropy(logits, targets_BS)
         if self.schedule is not None:
             self.ctx.all_reduce(total, ("pp",))  # only the last stage's ranks hold the loss
+        self.pm.sum_loss_shares(total)
         for chunk in self.pm.chunks:
             chunk.train()
         return float(total) / len(batches)

@@ -21,10 +21,14 @@ def test_design_examples():
 @pytest.mark.parametrize(
     "kwargs,setting,fragment",
     [
-        (dict(world_size=4, ep=3), "parallel.ep", "does not divide dp_shard x tp = 4"),
-        (dict(world_size=4, tp=2, ep=4, etp=2), "parallel.ep", "does not divide dp_shard = 2"),
+        (dict(world_size=4, ep=3), "parallel.ep", "does not divide dp_shard x cp x tp = 4"),
+        (dict(world_size=4, tp=2, ep=4, etp=2), "parallel.ep", "does not divide dp_shard x cp = 2"),
         (dict(world_size=4, dp_shard=3), "parallel", "the world size is 4"),
-        (dict(world_size=6, pp=4), "parallel", "not divisible by pp x dp_replicate x tp = 4"),
+        (dict(world_size=6, pp=4), "parallel", "not divisible by pp x dp_replicate x cp x tp = 4"),
+        (dict(world_size=6, cp=4), "parallel", "not divisible by pp x dp_replicate x cp x tp = 4"),
+        (dict(world_size=4, cp=2, ep=8), "parallel.ep", "does not divide dp_shard x cp x tp = 4"),
+        (dict(world_size=4, cp=0), "parallel.cp", ">= 1"),
+        (dict(world_size=4, cp=2, tp=2, etp=2), "parallel.etp", "does not combine with"),
         (dict(world_size=4, tp=2, etp=3), "parallel.etp", "must be 1 or equal to parallel.tp=2"),
         (dict(world_size=4, tp=0), "parallel.tp", ">= 1"),
     ],
@@ -68,6 +72,7 @@ def model_config(**changes):
         (dict(world_size=4, tp=4), dict(dense_hidden_dim=250), "parallel.tp"),
         (dict(world_size=4, tp=4, etp=4), dict(moe_hidden=250), "parallel.etp"),
         (dict(world_size=2, pp=2), dict(num_layers=3), "parallel.pp"),
+        (dict(world_size=2, cp=2), dict(sliding_window=8), "parallel.cp"),
     ],
 )
 def test_bad_layouts_for_the_model(kwargs, changes, setting):
@@ -97,6 +102,20 @@ def test_coords_rank_order_and_folding():
     ]
 
 
+def test_cp_axis_rank_order_and_folding():
+    # world 8 = dp_shard 2 x cp 2 x tp 2; rank = (s*2 + c)*2 + t; dp (micro-batch streams) = 2
+    d = ParallelDims(world_size=8, cp=2, tp=2, ep=4)
+    assert (d.dp_shard, d.dp, d.dense_shard, d.edp) == (2, 2, 4, 2)
+    c = d.coords(5)  # s=1, c=0, t=1
+    assert (c.dp_shard, c.cp, c.tp) == (1, 0, 1)
+    # EP folds over a stage's dp_shard x cp x tp ranks, ep innermost
+    assert d.ep_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [d.coords(r).edp for r in (0, 3, 4, 7)] == [0, 0, 1, 1]
+    assert d.layout()["cp"] == 2 and "cp 2" in d.describe()
+    # the cp ranks of one stream share its data-parallel index
+    assert {d.coords(r).dp_shard for r in (0, 1, 2, 3)} == {0}
+
+
 def test_expert_and_layer_placement():
     d = ParallelDims(world_size=4, ep=4)
     assert [list(d.local_experts(r, 8)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
@@ -118,8 +137,13 @@ def test_plan_describes_every_rank():
     text = describe_plan(dims, model, cfg.moe.num_experts)
     rows = [line.split() for line in text.splitlines() if line.split()[0].isdigit()]
     assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
-    assert [r[8] for r in rows] == ["0-1", "0-1", "2-3", "2-3"]  # layers by pp rank
-    assert [r[9] for r in rows] == ["0-3", "4-7", "0-3", "4-7"]  # experts by ep rank
+    assert [r[9] for r in rows] == ["0-1", "0-1", "2-3", "2-3"]  # layers by pp rank
+    assert [r[10] for r in rows] == ["0-3", "4-7", "0-3", "4-7"]  # experts by ep rank
     # pp rank 0 holds MoE layer 1, pp rank 1 MoE layers 2-3; experts split over ep=2 only
     per_layer = 8 * 3 * 128 * 256
-    assert [int(r[11].replace(",", "")) for r in rows] == [per_layer // 2] * 2 + [per_layer] * 2
+    assert [int(r[12].replace(",", "")) for r in rows] == [per_layer // 2] * 2 + [per_layer] * 2
+    cp = describe_plan(ParallelDims(world_size=4, cp=2, ep=4), model, cfg.moe.num_experts)
+    rows = [line.split() for line in cp.splitlines() if line.split()[0].isdigit()]
+    assert [r[4] for r in rows] == ["0", "1", "0", "1"]  # the cp column
+    assert [r[10] for r in rows] == ["0-1", "2-3", "4-5", "6-7"]  # ep=4 over dp_shard 2 x cp 2
+    assert "each sequence split over 2 ranks" in cp

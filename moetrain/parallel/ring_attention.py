@@ -1,0 +1,126 @@
+"""Causal attention over a sequence split into load-balanced chunks: blockwise, with
+online-softmax accumulation forward and the matching blockwise backward (FlashAttention's
+recurrences), in pure torch. No collectives here: :mod:`moetrain.parallel.cp` gathers the key
+and value chunks of every context-parallel rank and reduces their gradients.
+
+Legend: B sequences, H query heads, G key/value heads (H % G == 0), c chunk length, k q/k head
+dim, v value head dim, n = 2 x cp chunks per sequence.
+
+Load balancing (as Megatron-Core and torchtitan): the sequence is cut in ``n = 2 x cp`` chunks of
+equal length; cp rank ``r`` holds chunks ``r`` and ``n - 1 - r``, so every rank does the same
+causal work (``n + 1`` blocks of ``c x c`` scores). Query chunk ``j`` attends to key chunks
+``0..j``: the diagonal block with the causal mask, the others whole.
+
+Memory: only this rank's q, k, v, the output and the log-sum-exp (``lse``, ``[B, H, 2c]``) are
+kept for backward; scores live one ``c x c`` block at a time, forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def chunk_ids(rank: int, cp: int) -> tuple[int, int]:
+    """The two sequence chunks cp rank ``rank`` holds, in the order it holds them."""
+    return rank, 2 * cp - 1 - rank
+
+
+def owner(chunk: int, cp: int) -> tuple[int, int]:
+    """(cp rank, slot 0 or 1 on that rank) of sequence chunk ``chunk``."""
+    return (chunk, 0) if chunk < cp else (2 * cp - 1 - chunk, 1)
+
+
+def local_positions(seq_len: int, rank: int, cp: int, device: torch.device | None = None) -> Tensor:
+    """The sequence positions of cp rank ``rank``'s tokens, in its order (``[seq_len / cp]``)."""
+    c = seq_len // (2 * cp)
+    return torch.cat([torch.arange(j * c, (j + 1) * c, device=device) for j in chunk_ids(rank, cp)])
+
+
+def _expand(t_BGcx: Tensor, heads: int) -> Tensor:
+    """Key/value heads repeated for their query heads (GQA)."""
+    groups = t_BGcx.shape[1]
+    return t_BGcx if groups == heads else t_BGcx.repeat_interleave(heads // groups, dim=1)
+
+
+def _fold(t_BHcx: Tensor, groups: int) -> Tensor:
+    """Gradients of expanded key/value heads summed back onto their G heads."""
+    B, H, c, x = t_BHcx.shape
+    return t_BHcx if groups == H else t_BHcx.view(B, groups, H // groups, c, x).sum(2)
+
+
+def _scores(q_BHck: Tensor, k_BHck: Tensor, scale: float, diagonal: bool) -> Tensor:
+    s_BHcc = torch.matmul(q_BHck, k_BHck.transpose(-1, -2)) * scale
+    if diagonal:  # causal inside the block: key i may be seen by queries i.. only
+        c = s_BHcc.shape[-1]
+        future = torch.ones(c, c, dtype=torch.bool, device=s_BHcc.device).triu(1)
+        s_BHcc = s_BHcc.masked_fill(future, float("-inf"))
+    return s_BHcc
+
+
+@torch.no_grad()
+def blockwise_forward(
+    q_BHnk: list[Tensor],
+    q_chunks: tuple[int, ...],
+    k_BGck: list[Tensor],
+    v_BGcv: list[Tensor],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Attention of the query chunks ``q_BHnk[i]`` (sequence chunk ``q_chunks[i]``) over the key
+    and value chunks of the whole sequence (``k_BGck[m]``: chunk m, natural order).
+
+    Returns ``(o_BH(2c)v, lse_BH(2c))``: the outputs and log-sum-exps of the query chunks,
+    concatenated in the order given."""
+    outs, lses = [], []
+    H = q_BHnk[0].shape[1]
+    for q, j in zip(q_BHnk, q_chunks):
+        o, lse = None, None
+        for m in range(j + 1):
+            s = _scores(q, _expand(k_BGck[m], H), scale, diagonal=m == j)
+            lse_b = torch.logsumexp(s, dim=-1)
+            o_b = torch.matmul(torch.exp(s - lse_b[..., None]), _expand(v_BGcv[m], H))
+            if o is None or lse is None:
+                o, lse = o_b, lse_b
+                continue
+            new = torch.logaddexp(lse, lse_b)  # online softmax: rescale what was summed so far
+            o = o * torch.exp(lse - new)[..., None] + o_b * torch.exp(lse_b - new)[..., None]
+            lse = new
+        assert o is not None and lse is not None
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+@torch.no_grad()
+def blockwise_backward(
+    do_BHnv: Tensor,
+    q_BHnk: Tensor,
+    o_BHnv: Tensor,
+    lse_BHn: Tensor,
+    q_chunks: tuple[int, ...],
+    k_BGck: list[Tensor],
+    v_BGcv: list[Tensor],
+    scale: float,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Gradients of :func:`blockwise_forward` (its query chunks concatenated on dim 2).
+
+    Returns ``(dq_BHnk, dk, dv)``: ``dk[m]``/``dv[m]`` this rank's contribution to key/value
+    chunk m (zeros for chunks no local query sees); the caller sums them over the ranks."""
+    H, G = q_BHnk.shape[1], k_BGck[0].shape[1]
+    c = k_BGck[0].shape[2]
+    delta_BHn = (do_BHnv * o_BHnv).sum(-1)  # rowsum(dO * O): the softmax Jacobian's diagonal term
+    dq = torch.zeros_like(q_BHnk)
+    dk = [torch.zeros_like(k) for k in k_BGck]
+    dv = [torch.zeros_like(v) for v in v_BGcv]
+    for i, j in enumerate(q_chunks):
+        rows = slice(i * c, (i + 1) * c)
+        q, do, lse = q_BHnk[:, :, rows], do_BHnv[:, :, rows], lse_BHn[:, :, rows]
+        delta = delta_BHn[:, :, rows]
+        for m in range(j + 1):
+            k, v = _expand(k_BGck[m], H), _expand(v_BGcv[m], H)
+            p_BHcc = torch.exp(_scores(q, k, scale, diagonal=m == j) - lse[..., None])
+            dv[m] += _fold(torch.matmul(p_BHcc.transpose(-1, -2), do), G)
+            ds_BHcc = p_BHcc * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
+            dq[:, :, rows] += torch.matmul(ds_BHcc, k) * scale
+            dk[m] += _fold(torch.matmul(ds_BHcc.transpose(-1, -2), q), G) * scale
+    return dq, dk, dv
