@@ -86,8 +86,9 @@ class ContextParallel:
     def sum_chunk_grads(self, grads: list[Tensor]) -> Tensor:
         """Gradients of every chunk (sequence order, this rank's contribution) summed over the
         group; returns this rank's two, concatenated as it holds them."""
-        per_rank = [torch.cat([grads[j] for j in chunk_ids(r, self.size)], dim=2) for r in
-                    range(self.size)]
+        per_rank = [
+            torch.cat([grads[j] for j in chunk_ids(r, self.size)], dim=2) for r in range(self.size)
+        ]
         return _sum_own_part(per_rank, self.group, self.rank)
 
 
@@ -96,7 +97,7 @@ class _ChunkedAttention(torch.autograd.Function):
     and values again in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cp: ContextParallel, scale: float):  # type: ignore[override]
+    def forward(ctx, q, k, v, cp: ContextParallel, scale: float):
         q32, k32, v32 = q.float(), k.float(), v.float()  # the accumulation runs in fp32
         ids = chunk_ids(cp.rank, cp.size)
         o, lse = blockwise_forward(
@@ -107,7 +108,7 @@ class _ChunkedAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    def backward(ctx, do):  # type: ignore[override]
+    def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         cp: ContextParallel = ctx.cp
         ids = chunk_ids(cp.rank, cp.size)
@@ -123,12 +124,12 @@ class _GatherSeq(torch.autograd.Function):
     this rank's part (every rank's use of the gathered tokens adds to it)."""
 
     @staticmethod
-    def forward(ctx, x_BSD, group, size: int, rank: int):  # type: ignore[override]
+    def forward(ctx, x_BSD, group, size: int, rank: int):
         ctx.group, ctx.rank, ctx.local = group, rank, x_BSD.shape[1]
         return torch.cat(_all_gather(x_BSD, group, size), dim=1)
 
     @staticmethod
-    def backward(ctx, g_BSD):  # type: ignore[override]
+    def backward(ctx, g_BSD):
         g = g_BSD.contiguous()
         dist.all_reduce(g, group=ctx.group)
         return g[:, ctx.rank * ctx.local : (ctx.rank + 1) * ctx.local], None, None, None
@@ -191,4 +192,4 @@ def apply_cp(chunk: torch.nn.Module, cp: ContextParallel, moe: MoEContextParalle
         if isinstance(module, MoELayer):
             module.sequence_parallel = moe
         elif hasattr(module, "context_parallel"):
-            module.context_parallel = cp
+            setattr(module, "context_parallel", cp)  # noqa: B010 (a plain attribute, not a Module)

@@ -279,10 +279,11 @@ class ParallelDims:
 
 @dataclass
 class Meshes:
-    """``dense``: [pp, dp_replicate, dp_shard, cp, tp] (with cp > 1 also the flattened axes
-    ``dp_shard_cp``, FSDP's, and ``cp_tp``, the ranks sharing one micro-batch); ``experts``: [pp, dp_replicate, edp_shard,
-    ep, etp] over the same ranks (process groups of its own); ``placement``: the expert
-    placement's own mesh, if it has one (FSSDP: [pp, fssdp])."""
+    """``dense``: [pp, dp_replicate, dp_shard, cp, tp] (with cp > 1 also the flattened axis
+    ``dp_shard_cp``, FSDP's); ``experts``: [pp, dp_replicate, edp_shard, ep, etp] over the same
+    ranks (process groups of its own); ``placement``: the expert placement's own mesh, if it
+    has one (FSSDP: [pp, fssdp]); ``cp_tp``: with cp > 1, the flattened cp x tp ranks of one
+    micro-batch."""
 
     dense: DeviceMesh
     experts: DeviceMesh

@@ -62,8 +62,8 @@ def describe_plan(
             experts, expert_share = experts_share(dims, expert, c, num_experts)
         layer_text = ",".join(f"{r.start}-{r.stop - 1}" for r in mine)
         lines.append(
-            f"{rank:>4} {c.pp:>3} {c.dp_replicate:>4} {c.dp_shard:>4} {c.cp:>3} {c.tp:>3} {c.ep:>3} "
-            f"{c.edp:>4} {c.etp:>3}  {layer_text:<17} {experts:<12} {dense_share:>12,} "
+            f"{rank:>4} {c.pp:>3} {c.dp_replicate:>4} {c.dp_shard:>4} {c.cp:>3} {c.tp:>3} "
+            f"{c.ep:>3} {c.edp:>4} {c.etp:>3}  {layer_text:<17} {experts:<12} {dense_share:>12,} "
             f"{expert_share:>14,}"
         )
     lines.append(

@@ -36,7 +36,8 @@ def simulated_ring(q, k, v, do, cp: int, scale: float):
         ids = chunk_ids(rank, cp)
         q_r = q[:, :, pos]
         o_r, lse = blockwise_forward(list(q_r.split(c, dim=2)), ids, k_all, v_all, scale)
-        dq_r, dk_r, dv_r = blockwise_backward(do[:, :, pos], q_r, o_r, lse, ids, k_all, v_all, scale)
+        grads = blockwise_backward(do[:, :, pos], q_r, o_r, lse, ids, k_all, v_all, scale)
+        dq_r, dk_r, dv_r = grads
         o[:, :, pos], dq[:, :, pos] = o_r, dq_r
         dk += torch.cat(dk_r, dim=2)
         dv += torch.cat(dv_r, dim=2)
@@ -62,8 +63,9 @@ def test_blockwise_attention_equals_causal_attention(cp, heads, kv_heads):
 def test_chunks_are_load_balanced_and_cover_the_sequence():
     cp, S = 4, 32
     assert [chunk_ids(r, cp) for r in range(cp)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
-    assert all(owner(j, cp) == (r, slot) for r in range(cp) for slot, j in
-               enumerate(chunk_ids(r, cp)))
+    assert all(
+        owner(j, cp) == (r, slot) for r in range(cp) for slot, j in enumerate(chunk_ids(r, cp))
+    )
     held = torch.cat([local_positions(S, r, cp) for r in range(cp)])
     assert sorted(held.tolist()) == list(range(S))
     # causal work per rank: query chunk j sees j + 1 key chunks -> 2 x cp + 1 blocks everywhere
