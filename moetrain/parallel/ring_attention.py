@@ -49,13 +49,32 @@ def _fold(t_BHcx: Tensor, groups: int) -> Tensor:
     return t_BHcx if groups == H else t_BHcx.view(B, groups, H // groups, c, x).sum(2)
 
 
-def _scores(q_BHck: Tensor, k_BHck: Tensor, scale: float, diagonal: bool) -> Tensor:
-    s_BHcc = torch.matmul(q_BHck, k_BHck.transpose(-1, -2)) * scale
-    if diagonal:  # causal inside the block: key i may be seen by queries i.. only
-        c = s_BHcc.shape[-1]
-        future = torch.ones(c, c, dtype=torch.bool, device=s_BHcc.device).triu(1)
-        s_BHcc = s_BHcc.masked_fill(future, float("-inf"))
-    return s_BHcc
+# scores of at most this many elements (fp32: 4 MiB) exist at a time: queries go in row tiles
+TILE_SCORES = 1 << 20
+
+
+def _tiles(q_BHck: Tensor, key_len: int) -> list[slice]:
+    """Row tiles of a query chunk whose ``[B, H, rows, key_len]`` scores fit ``TILE_SCORES``."""
+    B, H, c, _ = q_BHck.shape
+    rows = max(1, min(c, TILE_SCORES // max(1, B * H * key_len)))
+    return [slice(a, min(a + rows, c)) for a in range(0, c, rows)]
+
+
+def _blocks(j: int, rows: slice) -> list[tuple[int, int | None]]:
+    """(key chunk m, keys used) for the query rows ``rows`` of chunk ``j``: every earlier chunk
+    whole (None), then the diagonal chunk up to the tile's last row."""
+    return [(m, None) for m in range(j)] + [(j, rows.stop)]
+
+
+def _scores(q_BHrk: Tensor, k_BHck: Tensor, scale: float, rows: slice, diagonal: bool) -> Tensor:
+    """Scaled scores of the query rows ``rows`` of a chunk; on the diagonal block a key may be
+    seen only by the rows at or after its own position."""
+    s_BHrc = torch.matmul(q_BHrk, k_BHck.transpose(-1, -2)) * scale
+    if diagonal:
+        r = torch.arange(rows.start, rows.stop, device=s_BHrc.device)[:, None]
+        future = torch.arange(s_BHrc.shape[-1], device=s_BHrc.device)[None, :] > r
+        s_BHrc = s_BHrc.masked_fill(future, float("-inf"))
+    return s_BHrc
 
 
 @torch.no_grad()
@@ -71,23 +90,26 @@ def blockwise_forward(
 
     Returns ``(o_BH(2c)v, lse_BH(2c))``: the outputs and log-sum-exps of the query chunks,
     concatenated in the order given."""
-    outs, lses = [], []
     H = q_BHnk[0].shape[1]
+    keys = [_expand(k, H) for k in k_BGck]
+    values = [_expand(v, H) for v in v_BGcv]
+    outs, lses = [], []
     for q, j in zip(q_BHnk, q_chunks):
-        o, lse = None, None
-        for m in range(j + 1):
-            s = _scores(q, _expand(k_BGck[m], H), scale, diagonal=m == j)
-            lse_b = torch.logsumexp(s, dim=-1)
-            o_b = torch.matmul(torch.exp(s - lse_b[..., None]), _expand(v_BGcv[m], H))
-            if o is None or lse is None:
-                o, lse = o_b, lse_b
-                continue
-            new = torch.logaddexp(lse, lse_b)  # online softmax: rescale what was summed so far
-            o = o * torch.exp(lse - new)[..., None] + o_b * torch.exp(lse_b - new)[..., None]
-            lse = new
-        assert o is not None and lse is not None
-        outs.append(o)
-        lses.append(lse)
+        for rows in _tiles(q, k_BGck[0].shape[2]):
+            o, lse = None, None
+            for m, n in _blocks(j, rows):
+                s = _scores(q[:, :, rows], keys[m][:, :, :n], scale, rows, diagonal=m == j)
+                lse_b = torch.logsumexp(s, dim=-1)
+                o_b = torch.matmul(torch.exp(s - lse_b[..., None]), values[m][:, :, :n])
+                if o is None or lse is None:
+                    o, lse = o_b, lse_b
+                    continue
+                new = torch.logaddexp(lse, lse_b)  # online softmax: rescale the sum so far
+                o = o * torch.exp(lse - new)[..., None] + o_b * torch.exp(lse_b - new)[..., None]
+                lse = new
+            assert o is not None and lse is not None
+            outs.append(o)
+            lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
@@ -108,19 +130,25 @@ def blockwise_backward(
     chunk m (zeros for chunks no local query sees); the caller sums them over the ranks."""
     H, G = q_BHnk.shape[1], k_BGck[0].shape[1]
     c = k_BGck[0].shape[2]
+    keys = [_expand(k, H) for k in k_BGck]
+    values = [_expand(v, H) for v in v_BGcv]
     delta_BHn = (do_BHnv * o_BHnv).sum(-1)  # rowsum(dO * O): the softmax Jacobian's diagonal term
     dq = torch.zeros_like(q_BHnk)
-    dk = [torch.zeros_like(k) for k in k_BGck]
-    dv = [torch.zeros_like(v) for v in v_BGcv]
+    dk = [torch.zeros_like(k) for k in keys]
+    dv = [torch.zeros_like(v) for v in values]
     for i, j in enumerate(q_chunks):
-        rows = slice(i * c, (i + 1) * c)
-        q, do, lse = q_BHnk[:, :, rows], do_BHnv[:, :, rows], lse_BHn[:, :, rows]
-        delta = delta_BHn[:, :, rows]
-        for m in range(j + 1):
-            k, v = _expand(k_BGck[m], H), _expand(v_BGcv[m], H)
-            p_BHcc = torch.exp(_scores(q, k, scale, diagonal=m == j) - lse[..., None])
-            dv[m] += _fold(torch.matmul(p_BHcc.transpose(-1, -2), do), G)
-            ds_BHcc = p_BHcc * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
-            dq[:, :, rows] += torch.matmul(ds_BHcc, k) * scale
-            dk[m] += _fold(torch.matmul(ds_BHcc.transpose(-1, -2), q), G) * scale
-    return dq, dk, dv
+        chunk = slice(i * c, (i + 1) * c)
+        q_c, do_c, lse_c, delta_c = (
+            t[:, :, chunk] for t in (q_BHnk, do_BHnv, lse_BHn, delta_BHn)
+        )
+        for rows in _tiles(q_c, c):
+            q, do, lse, delta = (t[:, :, rows] for t in (q_c, do_c, lse_c, delta_c))
+            dq_rows = dq[:, :, chunk][:, :, rows]  # a view: accumulated in place
+            for m, n in _blocks(j, rows):
+                k, v = keys[m][:, :, :n], values[m][:, :, :n]
+                p = torch.exp(_scores(q, k, scale, rows, diagonal=m == j) - lse[..., None])
+                dv[m][:, :, :n] += torch.matmul(p.transpose(-1, -2), do)
+                ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
+                dq_rows += torch.matmul(ds, k) * scale
+                dk[m][:, :, :n] += torch.matmul(ds.transpose(-1, -2), q) * scale
+    return dq, [_fold(g, G) for g in dk], [_fold(g, G) for g in dv]

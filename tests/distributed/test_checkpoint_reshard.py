@@ -13,6 +13,9 @@ PAIRS = {
     "ep2_folded_to_single": ((4, ["parallel.ep=2"]), (1, [])),
     "single_to_ep4": ((1, []), (4, ["parallel.ep=4"])),
     "tp2_to_pp2": ((2, ["parallel.tp=2"]), (2, ["parallel.pp=2"])),
+    # context parallelism: saved with every sequence split over 2 ranks, loaded whole, and back
+    "cp2_ep2_to_single": ((4, ["parallel.cp=2", "parallel.ep=2"]), (1, [])),
+    "single_to_cp2": ((1, []), (2, ["parallel.cp=2"])),
     "pp2_ep2_to_tp2_ep2": (
         (4, ["parallel.pp=2", "parallel.ep=2"]),
         (4, ["parallel.tp=2", "parallel.ep=2"]),

@@ -98,3 +98,56 @@ def test_cp_layouts_equal_single_process(world, data_dir):
     runs = [[*LONG, *model, *layout] for _, layout, model in rows.values()]
     per_rank = run_distributed(train_steps_each_rank, world, data_dir, runs, 3, timeout=380)
     assert_each_matches(per_rank, refs, f"world {world}")
+
+
+LONG_SEQ = 4096  # activations dominate: ~0.23 GB of them at cp1 against ~0.02 GB of weights
+MEMORY = [
+    f"train.seq_len={LONG_SEQ}",
+    f"model.max_seq_len={LONG_SEQ}",
+    "train.micro_batch_size=1",
+    "train.global_batch_size=1",
+    "data.val_fraction=0.1",
+]
+
+
+def step_peak(rank: int, world: int, data_dir: str, overrides: list[str]) -> dict:
+    """Peak bytes of live tensors over one training step (after a first one), tracked by torch's
+    ``MemTracker`` (what ``torch.cuda.max_memory_allocated`` measures on a GPU), and the
+    process's peak resident set size."""
+    import tempfile
+    from pathlib import Path
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from moetrain.config.validate import parallel_dims
+    from moetrain.parallel.context import init_parallel
+    from moetrain.testing.layouts import layout_config
+    from moetrain.train.memory import GB, peak_rss_bytes
+    from moetrain.train.trainer import Trainer
+
+    del rank, world
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = layout_config(data_dir, [*MEMORY, *overrides])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp), init_parallel(parallel_dims(cfg)))
+        trainer.train_step()
+        tracker = MemTracker()
+        tracker.track_external(*trainer.pm.chunks, trainer.optimizer)
+        with tracker:
+            trainer.train_step()
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+        return {"peak_gb": peak["Total"] / GB, "rss_gb": peak_rss_bytes() / GB}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cp2_peak_memory_below_065_of_cp1(tmp_path):
+    data_dir = write_token_dir(str(tmp_path / "tokens"), num_tokens=60_000)
+    (cp1,) = run_distributed(step_peak, 1, data_dir, [], timeout=280)
+    ranks = run_distributed(step_peak, 2, data_dir, ["parallel.cp=2"], timeout=280)
+    print(
+        f"seq_len {LONG_SEQ}: cp1 peak {cp1['peak_gb']:.3f} GB (rss {cp1['rss_gb']:.2f}); cp2 "
+        + ", ".join(f"{r['peak_gb']:.3f} GB (rss {r['rss_gb']:.2f})" for r in ranks)
+    )
+    for rank, r in enumerate(ranks):
+        assert r["peak_gb"] <= 0.65 * cp1["peak_gb"], (rank, r, cp1)

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from moetrain.config.schema import Config
 from moetrain.config.validate import ConfigError, validate
 from moetrain.parallel.cp import MoEContextParallel
+from moetrain.parallel import ring_attention
 from moetrain.parallel.dims import LayoutError
 from moetrain.parallel.ring_attention import (
     blockwise_backward,
@@ -44,9 +45,12 @@ def simulated_ring(q, k, v, do, cp: int, scale: float):
     return o, dq, dk, dv
 
 
+@pytest.mark.parametrize("tile_scores", [None, 40])  # 40: row tiles of 1 to 3 rows
 @pytest.mark.parametrize("cp", [2, 4])
 @pytest.mark.parametrize("heads,kv_heads", [(3, 3), (6, 2), (5, 1)])
-def test_blockwise_attention_equals_causal_attention(cp, heads, kv_heads):
+def test_blockwise_attention_equals_causal_attention(cp, heads, kv_heads, tile_scores, monkeypatch):
+    if tile_scores is not None:
+        monkeypatch.setattr(ring_attention, "TILE_SCORES", tile_scores)
     torch.manual_seed(cp * 10 + heads)
     B, S, dk, dv = 2, 8 * cp, 8, 6  # value head dim unlike the q/k one (MLA)
     q = torch.randn(B, heads, S, dk, requires_grad=True)
