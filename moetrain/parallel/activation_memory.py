@@ -39,8 +39,8 @@ FP32 = 4
 @dataclass(frozen=True)
 class ActivationLayout:
     """What the formula needs besides the model: the micro-batch shape, the autocast dtype and
-    the degrees that split tokens (``tp``, ``etp``) and rows (``ep``, FSSDP's ``fssdp_slack``:
-    None unless the experts are FSSDP-placed)."""
+    the degrees that split tokens (``cp``, ``tp``, ``etp``) and rows (``ep``, FSSDP's
+    ``fssdp_slack``: None unless the experts are FSSDP-placed)."""
 
     micro_batch: int
     seq_len: int
@@ -49,6 +49,7 @@ class ActivationLayout:
     etp: int = 1
     ep: int = 1
     fssdp_slack: float | None = None
+    cp: int = 1
 
     @property
     def act(self) -> int:
@@ -57,6 +58,13 @@ class ActivationLayout:
 
     @property
     def tokens(self) -> int:
+        """Tokens of a micro-batch this rank's attention sees (its part under context
+        parallelism)."""
+        return self.micro_batch * self.seq_len // self.cp
+
+    @property
+    def micro_tokens(self) -> int:
+        """Tokens of the whole micro-batch (what MoE layers route under TP or CP)."""
         return self.micro_batch * self.seq_len
 
     @property
@@ -120,15 +128,15 @@ def routed_rows(m: ModelConfig, lay: ActivationLayout) -> tuple[int, int]:
     with a capacity factor the capacity bound E * C (exact with padding; the rows a rank's
     experts may receive from its EP group); FSSDP's planner caps a rank at (1 + slack) x mean."""
     moe = m.moe
-    T = lay.tokens
-    routed = T // lay.tp if lay.tp > 1 and lay.etp == 1 else T
+    T = lay.micro_tokens
+    routed = lay.tokens // lay.tp if lay.tp > 1 and lay.etp == 1 else lay.tokens
     rows = routed * moe.top_k
     if moe.capacity_factor is None:
         computed = rows
         if lay.fssdp_slack is not None:
             computed = math.ceil(rows * (1 + lay.fssdp_slack))
         return rows, computed
-    # capacity is computed from the whole micro-batch every TP rank routes
+    # capacity is computed from the whole micro-batch every TP (and CP) rank routes
     C = expert_capacity(T, moe.num_experts, moe.top_k, moe.capacity_factor, moe.min_capacity)
     bound = moe.num_experts * C
     sent = bound if moe.pad_to_capacity else min(rows, bound)
@@ -140,8 +148,9 @@ def moe_bytes(m: ModelConfig, lay: ActivationLayout) -> int:
     """The MoE layer per micro-batch: router, expert rows, combine, shared experts."""
     moe, a, D = m.moe, lay.act, m.dim
     E, K = moe.num_experts, moe.top_k
-    # fp32 router input (the whole micro-batch, gathered under TP), scores, sort indices, weights
-    router = lay.tokens * (FP32 * D + 12 * E + FP32 * K + FP32)
+    # fp32 router input (the whole micro-batch, gathered under TP and CP), scores, sort indices,
+    # weights
+    router = lay.micro_tokens * (FP32 * D + 12 * E + FP32 * K + FP32)
     sent, computed = routed_rows(m, lay)
     swiglu = moe.activation == "swiglu"
     F = moe.hidden_dim // lay.etp

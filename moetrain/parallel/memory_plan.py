@@ -223,6 +223,7 @@ def _activation_layout(cfg: Config, dims: ParallelDims) -> act.ActivationLayout:
         etp=dims.etp,
         ep=dims.ep,
         fssdp_slack=cfg.parallel.fssdp_slack if fssdp else None,
+        cp=dims.cp,
     )
 
 

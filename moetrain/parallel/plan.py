@@ -93,8 +93,8 @@ def describe_memory(plan: MemoryPlan, gpu_memory_gb: float) -> str:
         f"{s['seq_len']}, {s['dtype']}, {s['optimizer']}, {schedule}"
         f"{s['micro_batches_per_dp_rank']} micro-batches per data-parallel rank, activation "
         f"checkpointing {ckpt} (act: the one the total uses)",
-        "rank classes: one per pipeline rank; its ranks differ only in data-parallel, EP, TP and "
-        "ETP position and hold equal shapes; planned on its first rank (data-parallel position "
+        "rank classes: one per pipeline rank; its ranks differ only in data-parallel, CP, EP, TP "
+        "and ETP position and hold equal shapes; planned on its first rank (data-parallel position "
         "0: FSDP's largest shard)",
         f"{'class':<6} {'ranks':<11} {'params':>7} {'grads':>7} {'optim':>7} {'act':>7} "
         f"{'act_ckpt':>8} {'act_full':>8} {'flight':>6} {'a2a':>6} {'fsdp':>6} {'other':>6} "

@@ -138,9 +138,7 @@ def blockwise_backward(
     dv = [torch.zeros_like(v) for v in values]
     for i, j in enumerate(q_chunks):
         chunk = slice(i * c, (i + 1) * c)
-        q_c, do_c, lse_c, delta_c = (
-            t[:, :, chunk] for t in (q_BHnk, do_BHnv, lse_BHn, delta_BHn)
-        )
+        q_c, do_c, lse_c, delta_c = (t[:, :, chunk] for t in (q_BHnk, do_BHnv, lse_BHn, delta_BHn))
         for rows in _tiles(q_c, c):
             q, do, lse, delta = (t[:, :, rows] for t in (q_c, do_c, lse_c, delta_c))
             dq_rows = dq[:, :, chunk][:, :, rows]  # a view: accumulated in place

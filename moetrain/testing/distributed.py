@@ -1,5 +1,13 @@
 """``run_distributed``: run a function on N gloo processes, the one helper every multi-process
-test uses. A hang fails fast: the processes are killed at ``timeout`` seconds."""
+test uses. A hang fails fast: the processes are killed at ``timeout`` seconds.
+
+Workers are forked from a fork server that imported torch and moetrain's trainer once
+(``multiprocessing``'s ``forkserver``, started at the first launch; it never runs a torch op,
+so no thread pool is forked): a launch does not pay each process's ~5 s of imports. Each worker
+takes the launching process's environment as it is at the launch and one intra-op thread
+(``torch.set_num_threads(1)``). ``MOETRAIN_NO_CSRC`` is read when moetrain is imported: a
+launch whose value differs from the fork server's spawns fresh processes instead.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +30,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# imported once in the fork server (an ImportError there is ignored: the worker imports again)
+PRELOAD = ["torch", "torch.distributed", "moetrain.train.trainer", "moetrain.testing.layouts"]
+IMPORT_TIME_ENV = ("MOETRAIN_NO_CSRC",)  # read at import: the fork server's copy must match
+_server_env: tuple[str | None, ...] | None = None
+
+
+def _context() -> Any:
+    """The fork server's context, or spawn when an import-time variable changed since it
+    started."""
+    global _server_env
+    env = tuple(os.environ.get(k) for k in IMPORT_TIME_ENV)
+    if _server_env is None:
+        _server_env = env
+        mp.set_forkserver_preload(PRELOAD)
+    return mp.get_context("forkserver" if env == _server_env else "spawn")
+
+
 def _worker(
     rank: int,
     world_size: int,
@@ -31,7 +56,10 @@ def _worker(
     fn: Callable[..., Any],
     args: tuple,
     results: Any,
+    env: dict[str, str],
 ) -> None:
+    os.environ.clear()  # the launching process's environment, not the fork server's
+    os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -40,10 +68,11 @@ def _worker(
         LOCAL_RANK=str(rank),
         OMP_NUM_THREADS="1",
     )
+    import torch
+
+    torch.set_num_threads(1)  # the fork server's OpenMP read its OMP_NUM_THREADS at import
     try:
         if backend == "nccl":
-            import torch
-
             torch.cuda.set_device(rank)
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
@@ -65,7 +94,7 @@ def run_distributed(
     timeout: float = 120.0,
     backend: str = "gloo",
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes, each with a
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes, each with a
     default process group (gloo; ``backend="nccl"`` puts rank r on GPU r), and return the ranks'
     return values in rank order.
 
@@ -73,11 +102,15 @@ def run_distributed(
     ``RuntimeError`` with the failing ranks' tracebacks, or ``TimeoutError`` after ``timeout``
     seconds (every process is then killed).
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
+    env = dict(os.environ)
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, timeout, backend, fn, args, results))
+        ctx.Process(
+            target=_worker,
+            args=(r, world_size, port, timeout, backend, fn, args, results, env),
+        )
         for r in range(world_size)
     ]
     for p in procs:

@@ -79,6 +79,18 @@ def test_stochastic_routing_resumes_at_another_layout(pair, data_dir, tmp_path):
     assert resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
 
 
+@pytest.mark.timeout(300)
+def test_cp2_resumes_bit_exactly_on_the_same_layout(data_dir, tmp_path):
+    """Every rank restores its own data position and RNG state: the resumed steps' losses are
+    the uninterrupted run's, bit for bit."""
+    layout = [*ADAMW, "parallel.cp=2", "model.moe.router_jitter=0.1"]
+    saved = run(2, data_dir, layout, 4, str(tmp_path / "a"), at=2)
+    ckpt = tmp_path / "a" / "checkpoints" / "00000002"
+    resumed = run(2, data_dir, [*layout, f"checkpoint.resume={ckpt}"], 2, str(tmp_path / "b"))
+    assert resumed["loss"] == saved["loss"][2:]
+    assert resumed["grad_norm"] == saved["grad_norm"][2:]
+
+
 FSSDP = ["parallel.expert_sharding=fssdp"]
 
 

@@ -30,7 +30,11 @@ BASE = [
     "model.moe.z_loss_coeff=0.001",
     "optim=adamw",
 ]
-LAYOUTS = [["parallel.ep=2"], ["parallel.pp=2", "parallel.tp=2"]]
+LAYOUTS = [
+    ["parallel.ep=2"],
+    ["parallel.pp=2", "parallel.tp=2"],
+    ["parallel.cp=2", "parallel.ep=2"],  # dense weights FSDP-sharded over dp_shard x cp
+]
 
 
 def _bytes(tensors: Sequence[torch.Tensor]) -> dict[str, int]:

@@ -116,7 +116,7 @@ def run_plan(*args: str) -> subprocess.CompletedProcess:
 def test_plan_parallel_dry_run():
     proc = run_plan("--world-size", "4", "parallel.tp=2", "parallel.ep=2")
     assert proc.returncode == 0, proc.stderr
-    assert "dp_shard 2 x tp 2; experts: ep 2, etp 1, edp 2" in proc.stdout
+    assert "dp_shard 2 x cp 1 x tp 2; experts: ep 2, etp 1, edp 2" in proc.stdout
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[0].isdigit()]
     assert [r[9] for r in rows] == ["0-3", "4-7", "0-3", "4-7"]  # experts by EP rank
     bad = run_plan("--world-size", "4", "parallel.ep=3")

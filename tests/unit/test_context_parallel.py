@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from moetrain.config.schema import Config
 from moetrain.config.validate import ConfigError, validate
-from moetrain.parallel.cp import MoEContextParallel
 from moetrain.parallel import ring_attention
+from moetrain.parallel.cp import MoEContextParallel
 from moetrain.parallel.dims import LayoutError
 from moetrain.parallel.ring_attention import (
     blockwise_backward,

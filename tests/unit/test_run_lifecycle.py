@@ -155,7 +155,7 @@ def test_run_meta_records_commit_command_layout_and_peak(data_dir, tmp_path, mon
     assert meta["command"] == ["moetrain-train", "train.steps=2"]
     assert meta["git"] == git_commit()  # this checkout's commit (None outside a repository)
     layout = meta["layout"]
-    assert layout["describe"] == "world 1 = pp 1 x dp_replicate 1 x dp_shard 1 x tp 1"
+    assert layout["describe"] == "world 1 = pp 1 x dp_replicate 1 x dp_shard 1 x cp 1 x tp 1"
     assert layout["degrees"]["ep"] == 1 and layout["degrees"]["world_size"] == 1
     assert layout["experts"].startswith("ep 1")
     assert meta["peak_flops_source"].startswith("measured: best of")
