@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from moetrain import apex
 from moetrain.config.schema import Config
+from moetrain.models.config import ModelConfig
 from moetrain.moe.router_registry import router_class
 from moetrain.parallel.dims import LayoutError, ParallelDims
 from moetrain.parallel.placement import (
@@ -254,6 +255,13 @@ def _validate_cp(cfg: Config, dims: ParallelDims) -> None:
             f"context parallelism (parallel.cp={cp}) runs full causal ring attention, without "
             "document masks; use parallel.cp=1 or data.document_mask=false",
         )
+    if cfg.train.compile:
+        _fail(
+            "train.compile",
+            f"is not supported with parallel.cp={cp} (the context-parallel attention and token "
+            "gather run collectives inside autograd functions, untested under torch.compile); "
+            "set train.compile=false or parallel.cp=1",
+        )
     if m.num_moe_layers and router_class(m.moe.router_type).needs_token_ids:
         _fail(
             "model.moe.router_type",
@@ -262,27 +270,8 @@ def _validate_cp(cfg: Config, dims: ParallelDims) -> None:
         )
 
 
-def _validate_parallel(cfg: Config) -> ParallelDims:
-    p, m = cfg.parallel, cfg.model
-    dims = parallel_dims(cfg)
-    if p.timeout_s <= 0:
-        _fail("parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
-    if p.pp_virtual_stages < 1:
-        _fail("parallel.pp_virtual_stages", f"must be >= 1, got {p.pp_virtual_stages}")
-    dims.validate_model(m, p.pp_virtual_stages)
-    if m.num_moe_layers:
-        _validate_node_groups(cfg, dims)
-        if p.ep_a2a == "node_dedup" and dims.ep > 1:
-            for key, bad in (
-                ("pad_to_capacity", m.moe.pad_to_capacity),
-                ("expert_choice", m.moe.expert_choice is not None),
-            ):
-                if bad:
-                    _fail(
-                        f"model.moe.{key}",
-                        "pads every expert to fixed rows, which parallel.ep_a2a=node_dedup "
-                        "does not; use parallel.ep_a2a=flat or hierarchical",
-                    )
+def _validate_model_layout(m: ModelConfig, dims: ParallelDims) -> None:
+    """Model options a TP or PP layout cannot split."""
     if m.tie_embeddings and (dims.tp > 1 or dims.pp > 1):
         _fail(
             "model.tie_embeddings",
@@ -307,6 +296,30 @@ def _validate_parallel(cfg: Config) -> ParallelDims:
             "hands each MoE layer's router logits to the next MoE layer, which a pipeline "
             "stage boundary cuts; use parallel.pp=1 or gating_residual=false",
         )
+
+
+def _validate_parallel(cfg: Config) -> ParallelDims:
+    p, m = cfg.parallel, cfg.model
+    dims = parallel_dims(cfg)
+    if p.timeout_s <= 0:
+        _fail("parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
+    if p.pp_virtual_stages < 1:
+        _fail("parallel.pp_virtual_stages", f"must be >= 1, got {p.pp_virtual_stages}")
+    dims.validate_model(m, p.pp_virtual_stages)
+    if m.num_moe_layers:
+        _validate_node_groups(cfg, dims)
+        if p.ep_a2a == "node_dedup" and dims.ep > 1:
+            for key, bad in (
+                ("pad_to_capacity", m.moe.pad_to_capacity),
+                ("expert_choice", m.moe.expert_choice is not None),
+            ):
+                if bad:
+                    _fail(
+                        f"model.moe.{key}",
+                        "pads every expert to fixed rows, which parallel.ep_a2a=node_dedup "
+                        "does not; use parallel.ep_a2a=flat or hierarchical",
+                    )
+    _validate_model_layout(m, dims)
     if dims.cp > 1:
         _validate_cp(cfg, dims)
     if cfg.train.seq_len % dims.tp:

@@ -97,9 +97,15 @@ def attend(
     scale: float | None = None,
     mask: AttentionMask | None = None,
 ) -> Tensor:
-    """:func:`causal_attention`, or the context-parallel attention when one is set (layout
-    validation refuses a window or a document mask with it)."""
+    """:func:`causal_attention`, or the context-parallel attention when one is set. Raises
+    ``ValueError`` for a window or a document mask with context parallelism (its attention is
+    full causal; config validation refuses both first)."""
     if context_parallel is not None:
+        if mask is not None or sliding_window is not None:
+            raise ValueError(
+                "parallel.cp: context parallelism runs full causal attention; it supports "
+                "neither model.sliding_window nor data.document_mask"
+            )
         return context_parallel.attention(q_BHSk, k_BGSk, v_BGSv, scale)
     return causal_attention(q_BHSk, k_BGSk, v_BGSv, sliding_window, scale, mask)
 

@@ -53,7 +53,7 @@ class ParallelContext:
         return self.rank == 0
 
     def group(self, axis: str):
-        """The process group of a dense-mesh axis (pp, dp_replicate, dp_shard, tp)."""
+        """The process group of a dense-mesh axis (pp, dp_replicate, dp_shard, cp, tp)."""
         assert self.meshes is not None
         return self.meshes.dense.get_group(axis)
 
@@ -83,8 +83,8 @@ class ParallelContext:
         return self.all_reduce(tensor, ("dp_replicate", "dp_shard"))
 
     def reduce_over_stages_and_dp(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over pipeline stages and data-parallel ranks (not over tensor-parallel ranks,
-        which hold identical copies)."""
+        """Sum over pipeline stages and data-parallel ranks (not over tensor- or context-parallel
+        ranks: they hold identical copies, once cp ranks summed their loss shares)."""
         return self.all_reduce(tensor, ("pp", "dp_replicate", "dp_shard"))
 
 

@@ -8,9 +8,10 @@ Legend: B sequences, S full sequence length, D model dim, c = S / (2 x cp) chunk
   for causal attention, :mod:`moetrain.parallel.ring_attention`), tokens and targets alike
   (:meth:`ContextParallel.shard`); RoPE uses the held positions (:meth:`positions`).
 - **Attention** (:class:`_ChunkedAttention`): every rank all-gathers the key and value chunks of
-  its cp group, computes its queries' attention block by block with online softmax, and keeps
-  only its own q/k/v, output and log-sum-exp for backward, where it gathers the keys and values
-  again and sums their gradients over the group (all-reduce, then its own slice).
+  its cp group, computes its queries' attention block by block with online softmax (in fp32,
+  autocast off; keys and values travel in their own dtype), and keeps only its own q/k/v,
+  output and log-sum-exp for backward, where it gathers the keys and values again and
+  reduce-scatters their gradients over the group.
 - **MoE layers** (:class:`MoEContextParallel`, the layer's ``sequence_parallel``): the tokens of
   the cp (x tp) ranks of one micro-batch are all-gathered and put back in sequence order, the
   whole micro-batch is routed on every such rank — aux losses of every scope, capacity and drop
@@ -45,12 +46,11 @@ def _all_gather(t: Tensor, group: Any, size: int) -> list[Tensor]:
     return parts
 
 
-def _sum_own_part(parts: list[Tensor], group: Any, rank: int) -> Tensor:
-    """Sum each rank's ``parts[r]`` over the group; return this rank's (a reduce-scatter,
-    written as all-reduce + slice: gloo has no reduce-scatter)."""
-    stacked = torch.stack(parts)
-    dist.all_reduce(stacked, group=group)
-    return stacked[rank]
+def _sum_own_part(parts: list[Tensor], group: Any) -> Tensor:
+    """Sum each rank's ``parts[r]`` over the group and return this rank's (a reduce-scatter)."""
+    out = torch.empty_like(parts[0])  # rank r's part: rows [r*n, (r+1)*n) of the input
+    dist.reduce_scatter_tensor(out, torch.cat(parts), group=group)
+    return out
 
 
 class ContextParallel:
@@ -89,7 +89,7 @@ class ContextParallel:
         per_rank = [
             torch.cat([grads[j] for j in chunk_ids(r, self.size)], dim=2) for r in range(self.size)
         ]
-        return _sum_own_part(per_rank, self.group, self.rank)
+        return _sum_own_part(per_rank, self.group)
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -98,13 +98,17 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cp: ContextParallel, scale: float):
-        q32, k32, v32 = q.float(), k.float(), v.float()  # the accumulation runs in fp32
         ids = chunk_ids(cp.rank, cp.size)
-        o, lse = blockwise_forward(
-            list(q32.chunk(2, dim=2)), ids, cp.gather_chunks(k32), cp.gather_chunks(v32), scale
-        )
-        ctx.save_for_backward(q32, k32, v32, o, lse)
-        ctx.cp, ctx.scale, ctx.dtypes = cp, scale, (q.dtype, k.dtype, v.dtype)
+        with torch.autocast(q.device.type, enabled=False):  # scores and sums in fp32
+            o, lse = blockwise_forward(
+                list(q.float().chunk(2, dim=2)),
+                ids,
+                cp.gather_chunks(k),
+                cp.gather_chunks(v),
+                scale,
+            )
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.cp, ctx.scale = cp, scale
         return o
 
     @staticmethod
@@ -112,11 +116,13 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         cp: ContextParallel = ctx.cp
         ids = chunk_ids(cp.rank, cp.size)
-        k_all, v_all = cp.gather_chunks(k), cp.gather_chunks(v)
-        dq, dk, dv = blockwise_backward(do.float(), q, o, lse, ids, k_all, v_all, ctx.scale)
-        dk_local, dv_local = cp.sum_chunk_grads(dk), cp.sum_chunk_grads(dv)
-        dq_t, dk_t, dv_t = ctx.dtypes
-        return dq.to(dq_t), dk_local.to(dk_t), dv_local.to(dv_t), None, None
+        with torch.autocast(q.device.type, enabled=False):
+            k_all, v_all = cp.gather_chunks(k), cp.gather_chunks(v)
+            dq, dk, dv = blockwise_backward(
+                do.float(), q.float(), o, lse, ids, k_all, v_all, ctx.scale
+            )
+            dk_local, dv_local = cp.sum_chunk_grads(dk), cp.sum_chunk_grads(dv)
+        return dq.to(q.dtype), dk_local.to(k.dtype), dv_local.to(v.dtype), None, None
 
 
 class _GatherSeq(torch.autograd.Function):
@@ -124,15 +130,15 @@ class _GatherSeq(torch.autograd.Function):
     this rank's part (every rank's use of the gathered tokens adds to it)."""
 
     @staticmethod
-    def forward(ctx, x_BSD, group, size: int, rank: int):
-        ctx.group, ctx.rank, ctx.local = group, rank, x_BSD.shape[1]
+    def forward(ctx, x_BSD, group, size: int):
+        ctx.group, ctx.local = group, x_BSD.shape[1]
         return torch.cat(_all_gather(x_BSD, group, size), dim=1)
 
     @staticmethod
     def backward(ctx, g_BSD):
-        g = g_BSD.contiguous()
-        dist.all_reduce(g, group=ctx.group)
-        return g[:, ctx.rank * ctx.local : (ctx.rank + 1) * ctx.local], None, None, None
+        B, _, D = g_BSD.shape
+        parts = g_BSD.reshape(B, -1, ctx.local, D).unbind(1)  # each group rank's tokens
+        return _sum_own_part(list(parts), ctx.group), None, None
 
 
 class MoEContextParallel:
@@ -155,7 +161,7 @@ class MoEContextParallel:
     def gather(self, x: Tensor) -> Tensor:
         if isinstance(x, DTensor):  # the sequence-parallel norm's output under TP
             x = x.to_local()
-        gathered = _GatherSeq.apply(x, self.group, self.size, self.rank)
+        gathered = _GatherSeq.apply(x, self.group, self.size)
         S = gathered.shape[1]
         order = torch.cat([self.held(S, r, x.device) for r in range(self.size)])
         return gathered[:, torch.argsort(order)]  # gathered order -> sequence order

@@ -1,18 +1,19 @@
-"""Apply a layout to a model: pipeline stages, then TP, the expert placement (EP, FSSDP, ...),
-activation checkpointing, torch.compile, FSDP2.
+"""Apply a layout to a model: pipeline stages, then TP, context parallelism, the expert placement
+(EP, FSSDP, ...), activation checkpointing, torch.compile, FSDP2.
 
 The full model is built and initialized identically on every rank (same seed, same order of
 draws), then cut and sharded; sharding only keeps local slices (``distribute_tensor`` with
 ``src_data_rank=None``), so the weights are the single-process weights whatever the layout.
 
-Order per stage chunk (as torchtitan): TP plans on each block and the ends -> the expert
-placement's ``apply`` on each MoE layer (``moetrain.parallel.placement``: under EP the expert
-weights become DTensors sharded on E over the EP axis and on F over ETP, and the all-to-all
-dispatcher replaces the local one) -> activation checkpointing flag -> ``torch.compile`` of each
-block (``train.compile``: ``moetrain.parallel.compile``) -> ``fully_shard`` of each
-MoE layer's experts over their expert-data-parallel ranks (unless the placement shards them
-itself), of each block and of the chunk over the dense data-parallel ranks (HSDP with
-dp_replicate).
+Order per stage chunk (as torchtitan): TP plans on each block and the ends -> context
+parallelism (``moetrain.parallel.cp``: attention over the cp group, RoPE positions of the held
+chunks, the MoE layers' token gather) -> the expert placement's ``apply`` on each MoE layer
+(``moetrain.parallel.placement``: under EP the expert weights become DTensors sharded on E over
+the EP axis and on F over ETP, and the all-to-all dispatcher replaces the local one) ->
+activation checkpointing flag -> ``torch.compile`` of each block (``train.compile``:
+``moetrain.parallel.compile``) -> ``fully_shard`` of each MoE layer's experts over their
+expert-data-parallel ranks (unless the placement shards them itself), of each block and of the
+chunk over the dense data-parallel ranks (dp_shard x cp; HSDP with dp_replicate).
 
 Gradient reductions: FSDP2 **sums** (divide factor 1) — the trainer scales each micro-batch's
 loss by 1/(micro-batches in the global batch), so dense gradients summed over the dp ranks and
@@ -352,16 +353,7 @@ def parallelize(
         moe = model.moe_layers()
         return ParallelModel([model], [0], model.cfg, moe, list(range(len(moe))), ctx=ctx)
     assert ctx.meshes is not None
-    ranges = dims.layer_ranges(len(blocks), virtual_stages)
-    num_stages = len(ranges)
-    chunks: list[nn.Module]
-    if dims.pp == 1:
-        chunks, stage_ids = [model], [0]
-    else:
-        stage_ids = [v * dims.pp + ctx.coords.pp for v in range(virtual_stages)]
-        chunks = [
-            PipelineChunk(model, ranges[s], s == 0, s == num_stages - 1, dims.tp) for s in stage_ids
-        ]
+    chunks, stage_ids, num_stages = _stage_chunks(model, ctx, virtual_stages)
     tp_partial: list[ParamRef] = []
     cp = build_cp(ctx) if dims.cp > 1 else None
     placement.setup(ctx)  # collective: every rank
@@ -382,16 +374,26 @@ def parallelize(
     moe_layers = [m for c in chunks for m in _moe_layers(c)]
     moe_ids = [moe_index[id(m)] for m in moe_layers]
     return ParallelModel(
-        chunks,
-        stage_ids,
-        model.cfg,
-        moe_layers,
-        moe_ids,
-        tp_partial,
-        ctx,
-        placement,
+        chunks, stage_ids, model.cfg, moe_layers, moe_ids, tp_partial, ctx, placement,
         context_parallel=None if cp is None else cp[0],
-    )
+    )  # fmt: skip
+
+
+def _stage_chunks(
+    model: Transformer, ctx: ParallelContext, virtual_stages: int
+) -> tuple[list[nn.Module], list[int], int]:
+    """This rank's stage chunks (the whole model without pipeline parallelism), their stage
+    ids, and the number of stages."""
+    dims = ctx.dims
+    ranges = dims.layer_ranges(len(model.layers), virtual_stages)
+    num_stages = len(ranges)
+    if dims.pp == 1:
+        return [model], [0], num_stages
+    stage_ids = [v * dims.pp + ctx.coords.pp for v in range(virtual_stages)]
+    chunks: list[nn.Module] = [
+        PipelineChunk(model, ranges[s], s == 0, s == num_stages - 1, dims.tp) for s in stage_ids
+    ]
+    return chunks, stage_ids, num_stages
 
 
 def full_state(pm: ParallelModel) -> dict[str, Tensor]:

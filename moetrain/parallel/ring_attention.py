@@ -11,8 +11,10 @@ equal length; cp rank ``r`` holds chunks ``r`` and ``n - 1 - r``, so every rank 
 causal work (``n + 1`` blocks of ``c x c`` scores). Query chunk ``j`` attends to key chunks
 ``0..j``: the diagonal block with the causal mask, the others whole.
 
-Memory: only this rank's q, k, v, the output and the log-sum-exp (``lse``, ``[B, H, 2c]``) are
-kept for backward; scores live one ``c x c`` block at a time, forward and backward.
+Everything is computed in fp32 (keys and values may come in another dtype: each block is cast
+and expanded to the H query heads when used). Memory: only this rank's q, k, v, the output and
+the log-sum-exp (``lse``, ``[B, H, 2c]``) are kept for backward; scores live one row tile at a
+time (``TILE_SCORES``), forward and backward.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ def local_positions(seq_len: int, rank: int, cp: int, device: torch.device | Non
 
 
 def _expand(t_BGcx: Tensor, heads: int) -> Tensor:
-    """Key/value heads repeated for their query heads (GQA)."""
+    """Key/value heads in fp32, repeated for their query heads (GQA)."""
     groups = t_BGcx.shape[1]
+    t_BGcx = t_BGcx.float()
     return t_BGcx if groups == heads else t_BGcx.repeat_interleave(heads // groups, dim=1)
 
 
@@ -58,12 +61,6 @@ def _tiles(q_BHck: Tensor, key_len: int) -> list[slice]:
     B, H, c, _ = q_BHck.shape
     rows = max(1, min(c, TILE_SCORES // max(1, B * H * key_len)))
     return [slice(a, min(a + rows, c)) for a in range(0, c, rows)]
-
-
-def _blocks(j: int, rows: slice) -> list[tuple[int, int | None]]:
-    """(key chunk m, keys used) for the query rows ``rows`` of chunk ``j``: every earlier chunk
-    whole (None), then the diagonal chunk up to the tile's last row."""
-    return [(m, None) for m in range(j)] + [(j, rows.stop)]
 
 
 def _scores(q_BHrk: Tensor, k_BHck: Tensor, scale: float, rows: slice, diagonal: bool) -> Tensor:
@@ -91,25 +88,28 @@ def blockwise_forward(
     Returns ``(o_BH(2c)v, lse_BH(2c))``: the outputs and log-sum-exps of the query chunks,
     concatenated in the order given."""
     H = q_BHnk[0].shape[1]
-    keys = [_expand(k, H) for k in k_BGck]
-    values = [_expand(v, H) for v in v_BGcv]
     outs, lses = [], []
     for q, j in zip(q_BHnk, q_chunks):
-        for rows in _tiles(q, k_BGck[0].shape[2]):
-            o, lse = None, None
-            for m, n in _blocks(j, rows):
-                s = _scores(q[:, :, rows], keys[m][:, :, :n], scale, rows, diagonal=m == j)
+        B, _, c, _ = q.shape
+        o = q.new_zeros(B, H, c, v_BGcv[0].shape[-1], dtype=torch.float32)
+        lse = q.new_full((B, H, c), float("-inf"), dtype=torch.float32)
+        tiles = _tiles(q, c)
+        for m in range(j + 1):
+            k, v = _expand(k_BGck[m], H), _expand(v_BGcv[m], H)  # once per key chunk
+            for rows in tiles:
+                n = rows.stop if m == j else c  # the diagonal block: keys up to the tile's end
+                s = _scores(q[:, :, rows], k[:, :, :n], scale, rows, diagonal=m == j)
                 lse_b = torch.logsumexp(s, dim=-1)
-                o_b = torch.matmul(torch.exp(s - lse_b[..., None]), values[m][:, :, :n])
-                if o is None or lse is None:
-                    o, lse = o_b, lse_b
-                    continue
-                new = torch.logaddexp(lse, lse_b)  # online softmax: rescale the sum so far
-                o = o * torch.exp(lse - new)[..., None] + o_b * torch.exp(lse_b - new)[..., None]
-                lse = new
-            assert o is not None and lse is not None
-            outs.append(o)
-            lses.append(lse)
+                o_b = torch.matmul(torch.exp(s - lse_b[..., None]), v[:, :, :n])
+                old = lse[:, :, rows]
+                new = torch.logaddexp(old, lse_b)  # online softmax: rescale the sum so far
+                o[:, :, rows] = (
+                    o[:, :, rows] * torch.exp(old - new)[..., None]
+                    + o_b * torch.exp(lse_b - new)[..., None]
+                )
+                lse[:, :, rows] = new
+        outs.append(o)
+        lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
@@ -130,23 +130,26 @@ def blockwise_backward(
     chunk m (zeros for chunks no local query sees); the caller sums them over the ranks."""
     H, G = q_BHnk.shape[1], k_BGck[0].shape[1]
     c = k_BGck[0].shape[2]
-    keys = [_expand(k, H) for k in k_BGck]
-    values = [_expand(v, H) for v in v_BGcv]
     delta_BHn = (do_BHnv * o_BHnv).sum(-1)  # rowsum(dO * O): the softmax Jacobian's diagonal term
     dq = torch.zeros_like(q_BHnk)
-    dk = [torch.zeros_like(k) for k in keys]
-    dv = [torch.zeros_like(v) for v in values]
+    dk = [torch.zeros(k.shape, dtype=torch.float32, device=k.device) for k in k_BGck]
+    dv = [torch.zeros(v.shape, dtype=torch.float32, device=v.device) for v in v_BGcv]
     for i, j in enumerate(q_chunks):
         chunk = slice(i * c, (i + 1) * c)
         q_c, do_c, lse_c, delta_c = (t[:, :, chunk] for t in (q_BHnk, do_BHnv, lse_BHn, delta_BHn))
-        for rows in _tiles(q_c, c):
-            q, do, lse, delta = (t[:, :, rows] for t in (q_c, do_c, lse_c, delta_c))
-            dq_rows = dq[:, :, chunk][:, :, rows]  # a view: accumulated in place
-            for m, n in _blocks(j, rows):
-                k, v = keys[m][:, :, :n], values[m][:, :, :n]
-                p = torch.exp(_scores(q, k, scale, rows, diagonal=m == j) - lse[..., None])
-                dv[m][:, :, :n] += torch.matmul(p.transpose(-1, -2), do)
-                ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
-                dq_rows += torch.matmul(ds, k) * scale
-                dk[m][:, :, :n] += torch.matmul(ds.transpose(-1, -2), q) * scale
-    return dq, [_fold(g, G) for g in dk], [_fold(g, G) for g in dv]
+        dq_c = dq[:, :, chunk]  # a view: accumulated in place
+        tiles = _tiles(q_c, c)
+        for m in range(j + 1):
+            k, v = _expand(k_BGck[m], H), _expand(v_BGcv[m], H)  # once per key chunk
+            dk_m, dv_m = torch.zeros_like(k), torch.zeros_like(v)  # at H heads, folded below
+            for rows in tiles:
+                n = rows.stop if m == j else c
+                q, do, lse, delta = (t[:, :, rows] for t in (q_c, do_c, lse_c, delta_c))
+                p = torch.exp(_scores(q, k[:, :, :n], scale, rows, m == j) - lse[..., None])
+                dv_m[:, :, :n] += torch.matmul(p.transpose(-1, -2), do)
+                ds = p * (torch.matmul(do, v[:, :, :n].transpose(-1, -2)) - delta[..., None])
+                dq_c[:, :, rows] += torch.matmul(ds, k[:, :, :n]) * scale
+                dk_m[:, :, :n] += torch.matmul(ds.transpose(-1, -2), q) * scale
+            dk[m] += _fold(dk_m, G)
+            dv[m] += _fold(dv_m, G)
+    return dq, dk, dv

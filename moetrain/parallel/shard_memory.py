@@ -23,7 +23,7 @@ from moetrain.parallel.parallelize import ParallelModel
 from moetrain.train.optim import parameter_groups
 
 # mesh axes over which FSDP (or HSDP) shards: a weight is all-gathered over them before use
-FSDP_AXES = ("dp_replicate", "dp_shard", "edp_shard")
+FSDP_AXES = ("dp_replicate", "dp_shard", "dp_shard_cp", "edp_shard")  # dp_shard_cp: with cp
 
 
 def local_tensor(t: Tensor) -> Tensor:

@@ -5,8 +5,9 @@ Workers are forked from a fork server that imported torch and moetrain's trainer
 (``multiprocessing``'s ``forkserver``, started at the first launch; it never runs a torch op,
 so no thread pool is forked): a launch does not pay each process's ~5 s of imports. Each worker
 takes the launching process's environment as it is at the launch and one intra-op thread
-(``torch.set_num_threads(1)``). ``MOETRAIN_NO_CSRC`` is read when moetrain is imported: a
-launch whose value differs from the fork server's spawns fresh processes instead.
+(``torch.set_num_threads(1)``). Variables torch or moetrain may read when imported
+(``TORCH*``, ``PYTORCH*``, ``MOETRAIN_*``) keep the fork server's values, so a launch whose
+values of them differ from the fork server's spawns fresh processes instead.
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ def free_port() -> int:
 
 # imported once in the fork server (an ImportError there is ignored: the worker imports again)
 PRELOAD = ["torch", "torch.distributed", "moetrain.train.trainer", "moetrain.testing.layouts"]
-IMPORT_TIME_ENV = ("MOETRAIN_NO_CSRC",)  # read at import: the fork server's copy must match
-_server_env: tuple[str | None, ...] | None = None
+IMPORT_TIME_ENV = ("TORCH", "PYTORCH", "MOETRAIN_")  # prefixes: the fork server's must match
+_server_env: dict[str, str] | None = None
 
 
 def _context() -> Any:
     """The fork server's context, or spawn when an import-time variable changed since it
-    started."""
+    started (the fork server is this module's: started by its first launch)."""
     global _server_env
-    env = tuple(os.environ.get(k) for k in IMPORT_TIME_ENV)
+    env = {k: v for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV)}
     if _server_env is None:
         _server_env = env
         mp.set_forkserver_preload(PRELOAD)

@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import OmegaConf
@@ -101,7 +101,7 @@ def resume(trainer: Trainer) -> Path | None:
         trainer.train_batches.load_state_dict(state["sampler"])
     except ValueError as err:
         raise CheckpointError(f"checkpoint.resume: {path}: {err}") from err
-    same_layout = state.get("layout") == trainer._layout()
+    same_layout = is_same_layout(state.get("layout"), trainer._layout())
     with single_process_quiet():
         checkpoint.load(path, trainer.state_module, trainer.optimizer, same_layout)
     trainer.step = int(state["step"])
@@ -117,6 +117,14 @@ def resume(trainer: Trainer) -> Path | None:
         f"resumed from {path} (step {trainer.step}, {seconds:.2f} s)",
     )
     return path
+
+
+def is_same_layout(saved: Any, current: dict) -> bool:
+    """Whether a checkpoint's recorded layout is ``current`` (then per-rank state is restored
+    exactly); a layout written before context parallelism existed had cp 1."""
+    if isinstance(saved, dict):
+        saved = {"cp": 1, **saved}
+    return saved == current
 
 
 def init_from(trainer: Trainer, path: str) -> None:

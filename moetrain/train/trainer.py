@@ -436,27 +436,24 @@ class Trainer:
         return document_inputs(inputs_BS, self.tokenizer.require_eos(), d.document_positions)
 
     def _local(self, t_BS: torch.Tensor) -> torch.Tensor:
-        """A batch tensor on this rank's device, cut to its part of each sequence (context
-        parallelism)."""
+        """A batch tensor on this rank's device, cut to its part of each sequence (cp)."""
         return self.pm.shard_sequences(t_BS.to(self.ctx.device))
 
     def _cross_entropy(self, logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the micro-batch's mean next-token cross-entropy (the mean over
-        its tokens times ``pm.loss_share``), the logits upcast to fp32."""
+        """This rank's share (``pm.loss_share`` x its tokens' mean) of the LM loss, in fp32."""
         loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
         return loss * self.pm.loss_share
 
     def _lm_loss(self, inputs_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-        """:meth:`_cross_entropy` of the model on ``inputs_BS``."""
-        with self.autocast:
+        with self.autocast:  # _cross_entropy of the model's logits
             logits_BSV = self.model(inputs_BS, **self._documents(inputs_BS))
         return self._cross_entropy(logits_BSV, targets_BS)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean LM loss over ``train.eval_batches`` fixed validation micro-batches. Every
-        data-parallel rank evaluates all of them (identical results, no reduction; MoE
-        all-to-alls need every rank of an EP group to run the same number of forwards)."""
+        data-parallel rank evaluates all of them (identical results; MoE all-to-alls need every
+        rank of an EP group to run the same number of forwards); sums over pp and cp only."""
         t = self.cfg.train
         activity.set_phase("eval")
         for chunk in self.pm.chunks:

@@ -45,7 +45,13 @@ def ring_rank(rank: int, world: int) -> list[dict]:
         ref.backward(do)
         got = [o.detach()] + [t.grad for t in local]
         want = [ref.detach()[:, :, pos]] + [t.grad[:, :, pos] for t in full]  # type: ignore[index]
-        out.append({"got": got, "want": want})
+        # bf16 inputs under autocast: computed in fp32 inside, forward and backward alike
+        bf16 = [t[:, :, pos].bfloat16().requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o16 = cp.attention(*bf16, None)
+        o16.backward(do[:, :, pos].bfloat16())
+        got16 = [o16.detach().float()] + [t.grad.float() for t in bf16]  # type: ignore[union-attr]
+        out.append({"got": got, "want": want, "got_bf16": got16, "dtype": o16.dtype})
     return out
 
 
@@ -54,9 +60,15 @@ def ring_rank(rank: int, world: int) -> list[dict]:
 def test_ring_attention_equals_causal_attention(cp):
     for rank, results in enumerate(run_distributed(ring_rank, cp, timeout=100)):
         for (heads, kv_heads), r in zip(HEADS, results):
-            for name, got, want in zip(("o", "dq", "dk", "dv"), r["got"], r["want"]):
+            where = f"rank {rank} H={heads} G={kv_heads}"
+            assert r["dtype"] == torch.bfloat16, where
+            for name, got, got16, want in zip(
+                ("o", "dq", "dk", "dv"), r["got"], r["got_bf16"], r["want"]
+            ):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"{where} {name}")
+                # bf16 inputs: within bf16 rounding of the fp32 reference
                 torch.testing.assert_close(
-                    got, want, rtol=0, atol=1e-5, msg=f"rank {rank} H={heads} G={kv_heads} {name}"
+                    got16, want, rtol=0.02, atol=0.02, msg=f"{where} bf16 {name}"
                 )
 
 

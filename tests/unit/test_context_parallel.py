@@ -109,6 +109,7 @@ def config(world: int, monkeypatch, *overrides: str) -> Config:
         (2, ["parallel.cp=2", "parallel.expert_sharding=fssdp"], "parallel.cp=2; set parallel"),
         (4, ["parallel.cp=2", "parallel.tp=2", "parallel.etp=2"], "parallel.etp: expert tensor"),
         (3, ["parallel.cp=2"], "launch a multiple of 2 processes"),
+        (2, ["parallel.cp=2", "train.compile=true"], "train.compile: is not supported with"),
     ],
 )
 def test_cp_config_errors_are_one_line(world, overrides, message, monkeypatch):
@@ -127,3 +128,21 @@ def test_cp_layouts_validate(monkeypatch):
         (2, ["parallel.cp=2", "model.moe.capacity_factor=1.0"]),  # exact over the cp group
     ]:
         validate(config(world, monkeypatch, *overrides))
+
+
+def test_attention_refuses_a_mask_under_cp():
+    from moetrain.models.attention import attend
+
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"^parallel\.cp: context parallelism runs full causal"):
+        attend(object(), q, q, q, sliding_window=2)
+
+
+def test_checkpoints_from_before_cp_keep_their_layout():
+    from moetrain.parallel.dims import ParallelDims
+    from moetrain.train.checkpointing import is_same_layout
+
+    now = ParallelDims(world_size=2, ep=2).layout()
+    old = {k: v for k, v in now.items() if k != "cp"}  # written before the cp axis existed
+    assert is_same_layout(old, now) and is_same_layout(now, now)
+    assert not is_same_layout({**old, "cp": 2}, now) and not is_same_layout(None, now)
