@@ -119,10 +119,15 @@ def run(shape: AttentionShape, cps: list[int], repeats: int) -> dict[str, Any]:
     """Every figure of one run: seconds per forward + backward, and ratios to SDPA."""
     from moetrain.testing import run_distributed
 
-    torch.set_num_threads(1)
-    sdpa = time_sdpa(shape, repeats)
-    blockwise = time_blockwise(shape, repeats)
-    rows: dict[str, Any] = {"sdpa": sdpa, "blockwise_cp1": blockwise}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each cp process
+    try:
+        rows: dict[str, Any] = {
+            "sdpa": time_sdpa(shape, repeats),
+            "blockwise_cp1": time_blockwise(shape, repeats),
+        }
+    finally:
+        torch.set_num_threads(threads)
     for cp in cps:
         ranks = run_distributed(cp_worker, cp, shape, repeats, timeout=1800)
         rows[f"cp{cp}"] = max(r["seconds"] for r in ranks)

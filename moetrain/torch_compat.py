@@ -16,3 +16,10 @@ def all_gather_single(output: torch.Tensor, input: torch.Tensor, **kwargs: Any) 
     benchmark that wraps the ``torch.distributed`` function (to count bytes) sees this call."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return gather(output, input, **kwargs)
+
+
+def reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, **kwargs: Any) -> Any:
+    """``dist.reduce_scatter_single`` where it exists (2.13), else
+    ``dist.reduce_scatter_tensor`` (2.11's name; 2.13 deprecates it with a FutureWarning)."""
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return scatter(output, input, **kwargs)

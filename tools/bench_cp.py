@@ -23,13 +23,13 @@ from benchmarks.context_parallel import AttentionShape, format_table, run
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=4096, help="tokens of the sequence")
+    parser.add_argument("--batch", type=int, default=1, help="sequences")
+    parser.add_argument("--heads", type=int, default=8, help="query heads")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA)")
+    parser.add_argument("--head-dim", type=int, default=64, help="head dim")
     parser.add_argument("--cp", default="2", help="comma-separated cp degrees")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     cps = [int(c) for c in args.cp.split(",")]

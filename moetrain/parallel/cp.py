@@ -38,6 +38,7 @@ from moetrain.parallel.ring_attention import (
     local_positions,
     owner,
 )
+from moetrain.torch_compat import reduce_scatter_single
 
 
 def _all_gather(t: Tensor, group: Any, size: int) -> list[Tensor]:
@@ -49,7 +50,7 @@ def _all_gather(t: Tensor, group: Any, size: int) -> list[Tensor]:
 def _sum_own_part(parts: list[Tensor], group: Any) -> Tensor:
     """Sum each rank's ``parts[r]`` over the group and return this rank's (a reduce-scatter)."""
     out = torch.empty_like(parts[0])  # rank r's part: rows [r*n, (r+1)*n) of the input
-    dist.reduce_scatter_tensor(out, torch.cat(parts), group=group)
+    reduce_scatter_single(out, torch.cat(parts), group=group)
     return out
 
 

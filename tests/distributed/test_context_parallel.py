@@ -163,3 +163,17 @@ def test_cp2_peak_memory_below_065_of_cp1(tmp_path):
     )
     for rank, r in enumerate(ranks):
         assert r["peak_gb"] <= 0.65 * cp1["peak_gb"], (rank, r, cp1)
+
+
+@pytest.mark.timeout(120)
+def test_bench_cp_measures_every_variant():
+    """``tools/bench_cp.py``'s figures: SDPA, the blockwise algorithm in one process and cp2,
+    with the exchanges' share of the cp2 time."""
+    from benchmarks.context_parallel import AttentionShape, format_table, run
+
+    shape = AttentionShape(batch=1, heads=4, kv_heads=2, seq_len=128, head_dim=16)
+    rows = run(shape, [2], repeats=1)
+    assert set(rows) == {"sdpa", "blockwise_cp1", "cp2", "cp2_exchange_share"}
+    assert all(v > 0 for v in rows.values()) and rows["cp2_exchange_share"] < 1
+    table = format_table(shape, rows, 2)
+    assert "cp2" in table and "exchanges" in table

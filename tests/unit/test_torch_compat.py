@@ -17,7 +17,10 @@ from moetrain import torch_compat
 ROOT = Path(__file__).resolve().parents[2]
 
 # torch.distributed functions torch 2.11 lacks -> what to call instead
-MISSING_IN_OLDEST = {"all_gather_single": "moetrain.torch_compat.all_gather_single"}
+MISSING_IN_OLDEST = {
+    "all_gather_single": "moetrain.torch_compat.all_gather_single",
+    "reduce_scatter_single": "moetrain.torch_compat.reduce_scatter_single",
+}
 
 
 def test_all_gather_single_gathers_without_a_deprecation_warning(one_process_group):
@@ -45,6 +48,30 @@ def test_all_gather_single_falls_back_to_the_old_name(one_process_group, monkeyp
     torch_compat.all_gather_single(out, torch.tensor([1.0, 2.0]), group=dist.group.WORLD)
     assert out.tolist() == [1.0, 2.0]
     assert calls == [{"group": dist.group.WORLD}]
+
+
+def test_reduce_scatter_single_without_a_deprecation_warning(one_process_group):
+    out = torch.empty(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 2.13 deprecates reduce_scatter_tensor
+        torch_compat.reduce_scatter_single(out, torch.tensor([1.0, 4.0, 2.0]))
+    assert out.tolist() == [1.0, 4.0, 2.0]
+
+
+def test_reduce_scatter_single_falls_back_to_the_old_name(one_process_group, monkeypatch):
+    monkeypatch.delattr(dist, "reduce_scatter_single", raising=False)  # as in torch 2.11
+    old, calls = dist.reduce_scatter_tensor, []
+
+    def spy(output, input, **kwargs):
+        calls.append(kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return old(output, input, **kwargs)
+
+    monkeypatch.setattr(dist, "reduce_scatter_tensor", spy)
+    out = torch.empty(2)
+    torch_compat.reduce_scatter_single(out, torch.tensor([1.0, 2.0]), group=dist.group.WORLD)
+    assert out.tolist() == [1.0, 2.0] and calls == [{"group": dist.group.WORLD}]
 
 
 def test_all_gather_single_is_looked_up_per_call(monkeypatch):
