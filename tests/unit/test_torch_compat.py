@@ -9,6 +9,7 @@ import re
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -32,20 +33,27 @@ def test_all_gather_single_gathers_without_a_deprecation_warning(one_process_gro
     assert out.tolist() == [3, 0, 5]
 
 
-def test_all_gather_single_falls_back_to_the_old_name(one_process_group, monkeypatch):
-    monkeypatch.delattr(dist, "all_gather_single", raising=False)  # as in torch 2.11
+@pytest.mark.parametrize(
+    "new, old",
+    [
+        ("all_gather_single", "all_gather_into_tensor"),
+        ("reduce_scatter_single", "reduce_scatter_tensor"),
+    ],
+)
+def test_falls_back_to_the_old_name(new, old, one_process_group, monkeypatch):
+    monkeypatch.delattr(dist, new, raising=False)  # as in torch 2.11
     calls = []
-    old = dist.all_gather_into_tensor
+    original = getattr(dist, old)
 
     def spy(output, input, **kwargs):
         calls.append(kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return old(output, input, **kwargs)
+            return original(output, input, **kwargs)
 
-    monkeypatch.setattr(dist, "all_gather_into_tensor", spy)
+    monkeypatch.setattr(dist, old, spy)
     out = torch.empty(2)
-    torch_compat.all_gather_single(out, torch.tensor([1.0, 2.0]), group=dist.group.WORLD)
+    getattr(torch_compat, new)(out, torch.tensor([1.0, 2.0]), group=dist.group.WORLD)
     assert out.tolist() == [1.0, 2.0]
     assert calls == [{"group": dist.group.WORLD}]
 
@@ -56,22 +64,6 @@ def test_reduce_scatter_single_without_a_deprecation_warning(one_process_group):
         warnings.simplefilter("error")  # 2.13 deprecates reduce_scatter_tensor
         torch_compat.reduce_scatter_single(out, torch.tensor([1.0, 4.0, 2.0]))
     assert out.tolist() == [1.0, 4.0, 2.0]
-
-
-def test_reduce_scatter_single_falls_back_to_the_old_name(one_process_group, monkeypatch):
-    monkeypatch.delattr(dist, "reduce_scatter_single", raising=False)  # as in torch 2.11
-    old, calls = dist.reduce_scatter_tensor, []
-
-    def spy(output, input, **kwargs):
-        calls.append(kwargs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return old(output, input, **kwargs)
-
-    monkeypatch.setattr(dist, "reduce_scatter_tensor", spy)
-    out = torch.empty(2)
-    torch_compat.reduce_scatter_single(out, torch.tensor([1.0, 2.0]), group=dist.group.WORLD)
-    assert out.tolist() == [1.0, 2.0] and calls == [{"group": dist.group.WORLD}]
 
 
 def test_all_gather_single_is_looked_up_per_call(monkeypatch):
