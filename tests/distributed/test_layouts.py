@@ -37,6 +37,9 @@ LAYOUTS = {
     "tp2_ep2_etp2": (4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=2"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "pp2_ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
+    # context parallelism, its attention and token gather recomputed in backward (more rows, at
+    # a longer sequence: test_context_parallel.py)
+    "cp2_ac": (2, ["parallel.cp=2", "parallel.activation_checkpointing=true"]),
     # overlapped (2 chunks) hierarchical all-to-all, 4 ranks posing as 2 nodes x 2
     "ep4_overlap2_hierarchical": (
         4,
@@ -192,7 +195,7 @@ def test_activation_checkpointing_tp2_ep2(data_dir):
 
 @pytest.mark.gpu
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("layout", ["ep2", "tp2", "pp2_1f1b"])
+@pytest.mark.parametrize("layout", ["ep2", "tp2", "pp2_1f1b", "cp2_ac"])
 def test_layout_on_gpus_with_nccl(layout, data_dir):
     """The NCCL path (device tensors in every collective) on 2 GPUs, against one GPU."""
     if torch.cuda.device_count() < 2:
