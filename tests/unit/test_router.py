@@ -372,6 +372,7 @@ def test_layer_update_expert_bias():
 def test_router_math_is_fp32_under_autocast():
     cfg = MoEConfig(num_experts=4, top_k=2, dim=8, hidden_dim=8)
     router = TopKRouter(cfg).eval()
+    router.reset_parameters()  # built uninitialized (torch.empty), as every module here
     x = torch.randn(6, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = router(x)
