@@ -118,7 +118,7 @@ def test_plan_parallel_dry_run():
     assert proc.returncode == 0, proc.stderr
     assert "dp_shard 2 x cp 1 x tp 2; experts: ep 2, etp 1, edp 2" in proc.stdout
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[0].isdigit()]
-    assert [r[9] for r in rows] == ["0-3", "4-7", "0-3", "4-7"]  # experts by EP rank
+    assert [r[10] for r in rows] == ["0-3", "4-7", "0-3", "4-7"]  # experts by EP rank
     bad = run_plan("--world-size", "4", "parallel.ep=3")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("plan_parallel: error: parallel.ep: 3 does not divide")

@@ -107,8 +107,8 @@ def test_bad_layout_under_torchrun_is_one_line(data_dir, tmp_path):
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("moetrain-train: error")]
     assert ours == [
-        "moetrain-train: error: parallel.ep: 3 does not divide dp_shard x tp = 2 (the ranks of "
-        "one pipeline stage that experts spread over when etp=1); pick a divisor of 2"
+        "moetrain-train: error: parallel.ep: 3 does not divide dp_shard x cp x tp = 2 (the ranks "
+        "of one pipeline stage that experts spread over when etp=1); pick a divisor of 2"
     ]
     assert "process group" not in proc.stderr.lower()
 
@@ -117,7 +117,7 @@ def test_bad_layout_under_torchrun_is_one_line(data_dir, tmp_path):
     "world,overrides,fragment",
     [
         (4, ["parallel.ep=3"], "parallel.ep: 3 does not divide"),
-        (2, ["parallel.ep=4"], "parallel.ep: 4 does not divide dp_shard x tp = 2"),
+        (2, ["parallel.ep=4"], "parallel.ep: 4 does not divide dp_shard x cp x tp = 2"),
         (4, ["parallel.dp_shard=2"], "the world size is 4"),
         (3, ["parallel.tp=2"], "world size 3 is not divisible"),
         (
